@@ -1,0 +1,1 @@
+"""Client role: tokenizer, embeddings and LM head; finds a chain of servers and generates."""

@@ -1,0 +1,102 @@
+"""``efedllm generate``: generate text locally or through a swarm."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--greedy", action="store_true", help="pick the most likely token (no sampling)")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
+
+
+def generation_config(args):
+    from efedllm.client.sampling import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        greedy=args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop_strings=tuple(args.stop),
+    )
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="generate text, locally (--local) or through a swarm")
+    parser.add_argument("prompt")
+    parser.add_argument("--model", default="smollm2-135m", help="alias, .gguf path or HF directory")
+    parser.add_argument("--local", action="store_true", help="run every block in this process")
+    parser.add_argument("--spans", default=None, help="with --local: consecutive spans, e.g. 0:10,10:20,20:30")
+    parser.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of swarm peers")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--wire", default=None, choices=["float32", "bfloat16", "float16", "int8"])
+    parser.add_argument("--relay", action="store_true", help="route every hop through the client (Petals' way)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    add_generation_arguments(parser)
+    add_compression_arguments(parser)
+    parser.set_defaults(func=run_generate)
+
+
+def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--svd-ratio", type=float, default=None, help="SVD-compress blocks to this parameter ratio (eq. 10)")
+    group.add_argument("--svd-energy", type=float, default=None, help="SVD-compress keeping this energy (eq. 12)")
+    parser.add_argument("--svd-method", default="whitened", choices=["plain", "whitened"])
+
+
+def span_transform(args, model: str):
+    """A function that compresses a loaded span in place, or None when compression is off."""
+    if args.svd_ratio is None and args.svd_energy is None:
+        return None
+    from efedllm.compression.apply import span_compressor
+
+    return span_compressor(model, ratio=args.svd_ratio, energy=args.svd_energy, method=args.svd_method)
+
+
+def _print_stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run_generate(args) -> int:
+    from efedllm.records import parse_spans
+
+    config = generation_config(args)
+    if args.local:
+        from efedllm.client.local import LocalModelForCausalLM
+
+        spans = parse_spans(args.spans) if args.spans else None
+        model = LocalModelForCausalLM.load(args.model, spans, args.dtype, transform=span_transform(args, args.model))
+    else:
+        if not args.initial_peers:
+            raise ValueError("give --initial-peers of a swarm, or --local to run every block here")
+        from efedllm.client.remote import DistributedModelForCausalLM, RemoteClientConfig
+
+        model = DistributedModelForCausalLM.from_pretrained(
+            args.model,
+            initial_peers=args.initial_peers,
+            config=RemoteClientConfig(relay=args.relay, wire_format=args.wire, dtype=args.dtype),
+        )
+    try:
+        input_ids = model.encode_prompt(args.prompt, chat=not args.no_chat)
+        result = model.generate(input_ids, config, on_text=None if args.json else _print_stream)
+    finally:
+        getattr(model, "shutdown", lambda: None)()
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(f"\n[{result.new_tokens} tokens, {result.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0

@@ -1,0 +1,61 @@
+"""The local pipeline: spans run in this process through the same session interface as the swarm."""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import contextmanager
+
+import torch
+
+from efedllm.client.generation import CausalLMClient
+from efedllm.models.sessions import SpanSessions
+from efedllm.models.span import ClientParts, SpanModel, load_client_parts, load_span
+from efedllm.records import Span
+
+
+class LocalInferenceSession:
+    """A session across consecutive in-process spans."""
+
+    def __init__(self, span_sessions: list[SpanSessions], session_id: str) -> None:
+        self.span_sessions, self.session_id, self.position = span_sessions, session_id, 0
+
+    def step(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for sessions in self.span_sessions:
+            hidden_states = sessions.step(self.session_id, hidden_states, self.position)
+        self.position += hidden_states.shape[1]
+        return hidden_states
+
+
+class LocalModelForCausalLM(CausalLMClient):
+    """Client parts plus a list of consecutive spans that together cover every block."""
+
+    def __init__(self, parts: ClientParts, spans: list[SpanModel]) -> None:
+        blocks = parts.config.num_hidden_layers
+        starts = [span.span.start for span in spans]
+        ends = [span.span.end for span in spans]
+        if not spans or starts[0] != 0 or ends[-1] != blocks or starts[1:] != ends[:-1]:
+            raise ValueError(f"spans {[str(s.span) for s in spans]} do not cover blocks 0:{blocks} consecutively")
+        self.parts, self.spans = parts, spans
+        self.span_sessions = [SpanSessions(span) for span in spans]
+
+    @classmethod
+    def load(cls, model: str, spans: list[Span] | None = None, dtype: str | torch.dtype = torch.float32, transform=None):
+        """Load client parts and each span; ``transform(span_model)`` may rewrite a span (e.g. compression)."""
+        parts = load_client_parts(model, dtype)
+        spans = spans or [Span(0, parts.config.num_hidden_layers)]
+        span_models = [load_span(model, span.start, span.end, dtype) for span in spans]
+        if transform is not None:
+            for span_model in span_models:
+                transform(span_model)
+        return cls(parts, span_models)
+
+    @contextmanager
+    def inference_session(self, max_length: int):
+        session_id = uuid.uuid4().hex
+        for sessions in self.span_sessions:
+            sessions.open(session_id, max_length)
+        try:
+            yield LocalInferenceSession(self.span_sessions, session_id)
+        finally:
+            for sessions in self.span_sessions:
+                sessions.close(session_id)

@@ -1,0 +1,79 @@
+"""Choosing the next token from logits: pure functions, unit-tested offline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate. ``greedy`` ignores temperature/top-k/top-p; ``seed`` makes sampling repeatable."""
+
+    max_new_tokens: int = 64
+    greedy: bool = False
+    temperature: float = 0.7
+    top_k: int = 50
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    stop_on_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not isinstance(self.stop_strings, tuple) or not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise ValueError("stop_strings must be a tuple of non-empty strings")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty (as transformers applies it): divide positive, multiply negative logits."""
+    if penalty == 1.0 or previous_ids.numel() == 0:
+        return logits
+    logits = logits.clone()
+    seen = torch.unique(previous_ids)
+    scores = logits[seen]
+    logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf. logits: [vocab]."""
+    logits = logits.clone()
+    if 0 < top_k < logits.shape[-1]:
+        threshold = torch.topk(logits, top_k).values[-1]
+        logits[logits < threshold] = float("-inf")
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
+        logits[order[remove]] = float("-inf")
+    return logits
+
+
+def choose_next_token(
+    logits: torch.Tensor, previous_ids: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None
+) -> int:
+    """The next token id from the last position's logits [vocab]."""
+    logits = apply_repetition_penalty(logits.float(), previous_ids, config.repetition_penalty)
+    if config.greedy:
+        return int(torch.argmax(logits))
+    logits = filter_top_k_top_p(logits / config.temperature, config.top_k, config.top_p)
+    probabilities = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+def find_stop(text: str, stop_strings: tuple[str, ...]) -> int | None:
+    """Index where the earliest stop string starts in ``text``, or None."""
+    positions = [text.find(stop) for stop in stop_strings if stop in text]
+    return min(positions) if positions else None

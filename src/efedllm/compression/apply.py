@@ -1,0 +1,283 @@
+"""Compress a span's decoder layers in place: plain or whitened SVD, uniform or globally allocated ranks.
+
+Call order of :func:`compress_layers` for the whitened method:
+
+1. *Spectra.* Calibration hidden states run through the original layers; a :class:`GramCollector`
+   gathers each projection's input Gram matrix, giving each matrix's whitened singular values.
+2. *Ranks.* Eq. 15 per matrix (``allocation="uniform"``), or one global parameter budget
+   ``C · Σ m·n`` split by :func:`allocate_ranks` (``"global"``), which may keep some matrices dense;
+   the energy rule (eq. 12) applies to whitened energy, i.e. to the output on calibration inputs.
+3. *Sequential truncation.* Calibration runs again, now through the already-compressed layers:
+   each layer's projections are whitened with Grams of the inputs they will really see, stage by
+   stage (q/k/v, then o, then gate/up, then down), so errors of earlier stages are accounted for.
+
+The plain method needs no calibration: eq. 15 (ratio) or eq. 12 (energy) on W's own spectrum.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from efedllm.compression.allocation import MatrixSpectrum, allocate_ranks, uniform_ranks
+from efedllm.compression.lowrank import LowRankLinear, cast_factors, linear_nbytes
+from efedllm.compression.rank import break_even_rank, parameter_count, rank_for_energy, rank_for_ratio
+from efedllm.compression.svd import SvdAlgorithm, singular_values, truncated_svd
+from efedllm.compression.whitening import GramCollector, whitened_singular_values, whitened_svd, whitening_factor
+
+# (layer index, hidden [B, T, H]) -> hidden [B, T, H], running the span's layer i causally
+LayerRunner = Callable[[int, torch.Tensor], torch.Tensor]
+
+# projections in the order their inputs are produced inside a Llama-style decoder layer
+PROJECTION_STAGES: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+class CompressionMethod(str, enum.Enum):
+    PLAIN = "plain"
+    WHITENED = "whitened"
+
+
+class RankAllocation(str, enum.Enum):
+    UNIFORM = "uniform"  # eq. 15 / eq. 12 per matrix
+    GLOBAL = "global"  # one parameter budget over the span (ratio only)
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How to compress a span. Exactly one of ``ratio`` (eq. 10) or ``energy`` (eq. 12) is set.
+
+    ``ratio`` counts the span's projection parameters: a dense matrix costs m·n, a low-rank one
+    k·(m+n+1). Calibration (whitened only): ``calibration_samples`` windows of
+    ``calibration_length`` tokens from ``calibration_text`` (default: the shared WikiText-2 file),
+    drawn with ``seed`` from the part of the text after ``calibration_offset`` tokens, so that
+    they do not overlap the perplexity evaluation windows at the start of the file.
+    """
+
+    ratio: float | None = None
+    energy: float | None = None
+    method: CompressionMethod = CompressionMethod.WHITENED
+    allocation: RankAllocation = RankAllocation.GLOBAL
+    algorithm: SvdAlgorithm = SvdAlgorithm.EXACT
+    allow_dense: bool = True
+    calibration_samples: int = 32
+    calibration_length: int = 512
+    calibration_offset: int = 65_536
+    calibration_text: Path | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, enum_type in (("method", CompressionMethod), ("allocation", RankAllocation), ("algorithm", SvdAlgorithm)):
+            try:
+                object.__setattr__(self, name, enum_type(getattr(self, name)))
+            except ValueError:
+                choices = ", ".join(member.value for member in enum_type)
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}") from None
+        if (self.ratio is None) == (self.energy is None):
+            raise ValueError("set exactly one of ratio (--svd-ratio) or energy (--svd-energy)")
+        for name in ("ratio", "energy"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        if self.energy is not None and self.allocation is RankAllocation.GLOBAL:
+            object.__setattr__(self, "allocation", RankAllocation.UNIFORM)  # energy is a per-matrix rule
+        for name in ("calibration_samples", "calibration_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.calibration_offset, int) or self.calibration_offset < 0:
+            raise ValueError(f"calibration_offset must be a non-negative integer, got {self.calibration_offset!r}")
+        if self.calibration_text is not None:
+            object.__setattr__(self, "calibration_text", Path(self.calibration_text))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method is CompressionMethod.WHITENED
+
+
+@dataclass(frozen=True)
+class MatrixReport:
+    layer: int
+    name: str
+    shape: tuple[int, int]
+    rank: int | None  # None: kept dense
+    retained_energy: float  # of W's own spectrum, eq. 12's measure
+    output_energy: float | None  # of W·S (whitened): the output on calibration inputs
+    parameters: int  # eq. 9 (m·n when dense)
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    config: CompressionConfig
+    matrices: tuple[MatrixReport, ...] = field(default_factory=tuple)
+
+    @property
+    def dense_parameters(self) -> int:
+        return sum(report.shape[0] * report.shape[1] for report in self.matrices)
+
+    @property
+    def parameters(self) -> int:
+        return sum(report.parameters for report in self.matrices)
+
+    @property
+    def achieved_ratio(self) -> float:
+        return self.parameters / self.dense_parameters
+
+    @property
+    def mean_retained_energy(self) -> float:
+        return sum(report.retained_energy for report in self.matrices) / len(self.matrices)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(report.nbytes for report in self.matrices)
+
+    def summary(self) -> dict:
+        return {
+            "matrices": len(self.matrices),
+            "dense_kept": sum(report.rank is None for report in self.matrices),
+            "achieved_ratio": round(self.achieved_ratio, 4),
+            "mean_retained_energy": round(self.mean_retained_energy, 4),
+            "projection_bytes": self.nbytes,
+        }
+
+
+def projections(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The layer's projections by dotted name, in :data:`PROJECTION_STAGES` order."""
+    found = {}
+    for stage in PROJECTION_STAGES:
+        for name in stage:
+            module = layer.get_submodule(name)
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"{name} is {type(module).__name__}, expected an uncompressed nn.Linear")
+            found[name] = module
+    return found
+
+
+def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(layer.get_submodule(parent_name), child, module)
+
+
+def _energy(values: torch.Tensor, rank: int | None) -> float:
+    squares = values.double() ** 2
+    return 1.0 if rank is None else float(squares[:rank].sum() / squares.sum().clamp_min(1e-300))
+
+
+def _plain_ranks(config: CompressionConfig, weights: list[torch.Tensor], spectra: list[torch.Tensor]) -> list[int | None]:
+    if config.energy is not None:
+        return [rank_for_energy(values.tolist(), config.energy) for values in spectra]
+    if config.allocation is RankAllocation.GLOBAL:
+        budget = config.ratio * sum(weight.numel() for weight in weights)
+        problems = [MatrixSpectrum(*weight.shape, values, 1.0 / float((values.double() ** 2).sum())) for weight, values in zip(weights, spectra)]
+        return allocate_ranks(problems, budget, config.allow_dense)
+    return uniform_ranks([tuple(weight.shape) for weight in weights], config.ratio)
+
+
+def _collect_spectra(layers: nn.ModuleList, hidden: torch.Tensor, run_layer: LayerRunner) -> list[torch.Tensor]:
+    """Pass 1: whitened singular values of every projection, inputs from the original layers."""
+    spectra = []
+    for index, layer in enumerate(layers):
+        modules = projections(layer)
+        collector = GramCollector(modules)
+        with torch.no_grad():
+            next_hidden = run_layer(index, hidden)
+        grams = collector.close()
+        for name, module in modules.items():
+            spectra.append(whitened_singular_values(module.weight.detach(), whitening_factor(grams[name])))
+        hidden = next_hidden
+    return spectra
+
+
+def compress_layers(
+    layers: nn.ModuleList,
+    config: CompressionConfig,
+    calibration_hidden: torch.Tensor | None = None,
+    run_layer: LayerRunner | None = None,
+) -> CompressionReport:
+    """Replace every projection of ``layers`` by a :class:`LowRankLinear` (or keep it dense), in place.
+
+    ``calibration_hidden`` [B, T, H] are the span's input hidden states for calibration and
+    ``run_layer(i, hidden)`` runs them through ``layers[i]``; both are needed for whitening only.
+    """
+    modules = [module for layer in layers for module in projections(layer).values()]
+    weights = [module.weight.detach() for module in modules]
+    plain_spectra = [singular_values(weight.double()) for weight in weights]
+    if not config.needs_calibration:
+        ranks = _plain_ranks(config, weights, plain_spectra)
+        reports = _compress_plain(layers, config, ranks, plain_spectra)
+        return CompressionReport(config, tuple(reports))
+    if calibration_hidden is None or run_layer is None:
+        raise ValueError("whitened compression needs calibration_hidden and run_layer")
+    _check_hidden(calibration_hidden)
+    whitened = _collect_spectra(layers, calibration_hidden, run_layer)
+    ranks = _plain_ranks(config, weights, whitened)
+    reports = _compress_sequentially(layers, config, ranks, calibration_hidden, run_layer)
+    reports = [
+        MatrixReport(r.layer, r.name, r.shape, r.rank, _energy(plain, r.rank), _energy(white, r.rank), r.parameters, r.nbytes)
+        for r, plain, white in zip(reports, plain_spectra, whitened)
+    ]
+    return CompressionReport(config, tuple(reports))
+
+
+def _check_hidden(hidden: torch.Tensor) -> None:
+    if hidden.dim() != 3 or not hidden.is_floating_point():
+        raise ValueError(f"calibration hidden states must be a float [B, T, H] tensor, got {tuple(hidden.shape)} {hidden.dtype}")
+    if not torch.isfinite(hidden).all():
+        raise ValueError("calibration hidden states contain NaN or infinite values")
+
+
+def _report(index: int, name: str, module: nn.Module, rank: int | None, shape: tuple[int, int]) -> MatrixReport:
+    count = shape[0] * shape[1] if rank is None else parameter_count(*shape, rank)
+    return MatrixReport(index, name, shape, rank, 1.0, None, count, linear_nbytes(module))
+
+
+def _compress_plain(layers, config, ranks, spectra) -> list[MatrixReport]:
+    reports, position = [], 0
+    for index, layer in enumerate(layers):
+        for name, module in projections(layer).items():
+            rank, values = ranks[position], spectra[position]
+            shape = tuple(module.weight.shape)
+            if rank is not None:
+                module = LowRankLinear.from_linear(module, rank, config.algorithm)
+                _replace(layer, name, module)
+            report = _report(index, name, module, rank, shape)
+            reports.append(MatrixReport(index, name, shape, rank, _energy(values, rank), None, report.parameters, report.nbytes))
+            position += 1
+    return reports
+
+
+def _compress_sequentially(layers, config, ranks, hidden, run_layer) -> list[MatrixReport]:
+    """Pass 3: per layer and stage, whiten with the inputs produced by the already-compressed model."""
+    reports, rank_of = [], iter(ranks)
+    for index, layer in enumerate(layers):
+        layer_ranks = {name: next(rank_of) for name in projections(layer)}
+        for stage in PROJECTION_STAGES:
+            stage_modules = {name: layer.get_submodule(name) for name in stage if layer_ranks[name] is not None}
+            if not stage_modules:
+                reports += [_report(index, name, layer.get_submodule(name), None, tuple(layer.get_submodule(name).weight.shape)) for name in stage]
+                continue
+            collector = GramCollector(stage_modules)
+            with torch.no_grad():
+                run_layer(index, hidden)
+            grams = collector.close()
+            for name in stage:
+                module = layer.get_submodule(name)
+                shape = tuple(module.weight.shape)
+                if layer_ranks[name] is not None:
+                    factors = whitened_svd(module.weight.detach(), whitening_factor(grams[name]), layer_ranks[name], config.algorithm)
+                    module = LowRankLinear(cast_factors(factors, module.weight.dtype), module.bias)
+                    _replace(layer, name, module)
+                reports.append(_report(index, name, module, layer_ranks[name], shape))
+        with torch.no_grad():
+            hidden = run_layer(index, hidden)
+    return reports

@@ -1,0 +1,164 @@
+"""Compressed weight transfer (paper §4.2): a span's layers packed to bytes, factors or dense.
+
+A compressed projection travels as its eq. 9 factors U_k, Σ_k, V_kᵀ (``k·(m+n+1)`` numbers); a
+dense one, and everything else in a layer (norms), as the dense tensor. The format is msgpack,
+versioned, and validated strictly on unpacking (version, names, dtypes, shapes against byte
+lengths, finite values): the bytes come from a peer.
+
+Call order: sender ``pack_layers(layers, start)``; receiver ``unpack_layers(payload)`` then
+``load_packed_layers(layers, packed)`` into freshly built (dense, uninitialised) layers of the
+same architecture, which replaces the projections that arrived as factors by LowRankLinear.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+import torch
+from torch import nn
+
+from efedllm.compression.lowrank import LowRankLinear
+from efedllm.compression.svd import SvdFactors
+
+TRANSFER_VERSION = 1
+MAX_TENSORS_PER_LAYER = 64
+MAX_LAYERS = 1024
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FACTOR_NAMES = ("U", "S", "Vh")
+
+
+class TransferError(ValueError):
+    """A packed span from a peer is malformed."""
+
+
+@dataclass(frozen=True)
+class PackedSpan:
+    """Per layer index: its state (tensor name -> tensor); factor triples keep their ``.U/.S/.Vh`` names."""
+
+    start: int
+    layers: tuple[dict[str, torch.Tensor], ...]
+    payload_bytes: int
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.layers)
+
+
+@dataclass(frozen=True)
+class TransferSize:
+    payload_bytes: int  # what goes on the wire
+    dense_bytes: int  # the same span's state if every projection were dense
+
+    @property
+    def ratio(self) -> float:
+        return self.payload_bytes / self.dense_bytes
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, candidate in DTYPES.items():
+        if candidate == dtype:
+            return name
+    raise TransferError(f"cannot send tensors of dtype {dtype}")
+
+
+def _encode(tensor: torch.Tensor) -> dict:
+    tensor = tensor.detach().contiguous().cpu()
+    raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+    return {"dtype": _dtype_name(tensor.dtype), "shape": list(tensor.shape), "data": raw.numpy().tobytes()}
+
+
+def pack_layers(layers: nn.ModuleList, start: int) -> bytes:
+    """All of ``layers``' parameters and buffers (blocks ``start .. start+len``), factors where compressed."""
+    if not isinstance(start, int) or start < 0:
+        raise ValueError(f"span start must be a non-negative integer, got {start!r}")
+    encoded = [{name: _encode(tensor) for name, tensor in layer.state_dict().items()} for layer in layers]
+    return msgpack.packb({"version": TRANSFER_VERSION, "start": start, "layers": encoded}, use_bin_type=True)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise TransferError(message)
+
+
+def _decode(name: str, record) -> torch.Tensor:
+    _require(isinstance(record, dict) and set(record) == {"dtype", "shape", "data"}, f"tensor {name}: malformed record")
+    _require(record["dtype"] in DTYPES, f"tensor {name}: unknown dtype {record['dtype']!r}")
+    shape = record["shape"]
+    _require(isinstance(shape, list) and len(shape) <= 4 and all(isinstance(d, int) and d >= 0 for d in shape), f"tensor {name}: bad shape {shape!r}")
+    dtype = DTYPES[record["dtype"]]
+    data = record["data"]
+    expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    _require(isinstance(data, bytes) and len(data) == expected, f"tensor {name}: {len(data) if isinstance(data, bytes) else '?'} bytes, shape {shape} needs {expected}")
+    storage = np.frombuffer(data, dtype=np.int16 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype)
+    tensor = torch.from_numpy(storage.copy()).reshape(shape)
+    tensor = tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+    _require(bool(torch.isfinite(tensor.float()).all()), f"tensor {name} contains NaN or infinite values")
+    return tensor
+
+
+def unpack_layers(payload: bytes) -> PackedSpan:
+    """Parse and validate a payload from :func:`pack_layers`; raises :class:`TransferError`."""
+    _require(isinstance(payload, (bytes, bytearray)), "payload must be bytes")
+    try:
+        message = msgpack.unpackb(payload, raw=False)
+    except Exception as error:  # msgpack raises several unrelated types on garbage
+        raise TransferError(f"payload is not valid msgpack: {error}") from None
+    _require(isinstance(message, dict) and set(message) == {"version", "start", "layers"}, "payload must have version, start and layers")
+    _require(message["version"] == TRANSFER_VERSION, f"payload has version {message['version']!r}, this peer reads {TRANSFER_VERSION}")
+    _require(isinstance(message["start"], int) and message["start"] >= 0, "start must be a non-negative integer")
+    layers = message["layers"]
+    _require(isinstance(layers, list) and 0 < len(layers) <= MAX_LAYERS, f"layers must be a list of 1..{MAX_LAYERS}")
+    decoded = []
+    for index, layer in enumerate(layers):
+        _require(isinstance(layer, dict) and 0 < len(layer) <= MAX_TENSORS_PER_LAYER, f"layer {index}: malformed")
+        _require(all(isinstance(name, str) for name in layer), f"layer {index}: tensor names must be strings")
+        decoded.append({name: _decode(f"{index}.{name}", record) for name, record in layer.items()})
+    return PackedSpan(message["start"], tuple(decoded), len(payload))
+
+
+def _factored_modules(state: dict[str, torch.Tensor]) -> set[str]:
+    return {name[: -len(".U")] for name in state if name.endswith(".U")}
+
+
+def load_packed_layers(layers: nn.ModuleList, packed: PackedSpan) -> None:
+    """Load ``packed`` into ``layers`` (same architecture), turning factored projections into LowRankLinear."""
+    _require(len(layers) == len(packed.layers), f"payload has {len(packed.layers)} layers, the span has {len(layers)}")
+    for index, (layer, state) in enumerate(zip(layers, packed.layers)):
+        for module_name in _factored_modules(state):
+            try:
+                target = layer.get_submodule(module_name)
+            except AttributeError:
+                raise TransferError(f"layer {index}: no module {module_name!r}") from None
+            missing = [part for part in FACTOR_NAMES if f"{module_name}.{part}" not in state]
+            _require(not missing, f"layer {index}: {module_name} lacks factor(s) {missing}")
+            factors = SvdFactors(*(state[f"{module_name}.{part}"] for part in FACTOR_NAMES))
+            _check_factors(index, module_name, factors, target)
+            bias = state.get(f"{module_name}.bias")
+            parent, _, child = module_name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, child, LowRankLinear(factors, bias))
+        try:
+            layer.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise TransferError(f"layer {index}: state does not match the architecture: {error}") from None
+
+
+def _check_factors(index: int, name: str, factors: SvdFactors, target: nn.Module) -> None:
+    in_features, out_features = getattr(target, "in_features", None), getattr(target, "out_features", None)
+    U, S, Vh = factors.U, factors.S, factors.Vh
+    _require(U.dim() == 2 and S.dim() == 1 and Vh.dim() == 2, f"layer {index}: {name} factors must be 2-D, 1-D, 2-D")
+    _require(U.shape == (out_features, S.shape[0]) and Vh.shape == (S.shape[0], in_features), f"layer {index}: {name} factor shapes {tuple(U.shape)}, {tuple(S.shape)}, {tuple(Vh.shape)} do not fit [{out_features}, {in_features}]")
+
+
+def transfer_size(layers: nn.ModuleList, start: int = 0) -> TransferSize:
+    """Bytes of the packed span against the same span packed dense."""
+    payload = len(pack_layers(layers, start))
+    compressed, dense = 0, 0
+    for layer in layers:
+        for module in layer.modules():
+            if isinstance(module, LowRankLinear):
+                compressed += module.nbytes - (0 if module.bias is None else module.bias.numel() * module.bias.element_size())
+                dense += module.in_features * module.out_features * module.U.element_size()
+    return TransferSize(payload, payload - compressed + dense)

@@ -1,0 +1,172 @@
+"""A span of transformer blocks, loaded alone, and the client's own parts of the model.
+
+``load_span`` materialises only blocks ``start..end-1``: decoder layers are built on the meta
+device (no memory) and filled with ``assign=True`` from tensors read one at a time, so the only
+weights a process ever holds are its own span's.
+"""
+
+from __future__ import annotations
+
+import copy
+import torch
+from torch import nn
+
+from efedllm.models.families import ModelFamily
+from efedllm.models.progress import loading_progress
+from efedllm.models.sources import resolve_model
+from efedllm.models.weights import load_tokenizer, open_model
+from efedllm.records import Span
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+class SpanModel(nn.Module):
+    """Blocks ``span.start..span.end-1`` of a model, run on hidden states.
+
+    Layer ``i`` of ``layers`` is block ``span.start + i``; its attention writes to cache layer
+    ``i`` (layers are built with local indices), so a KV cache for a span has ``span.length`` layers.
+    """
+
+    def __init__(self, config, family: ModelFamily, span: Span, layers: nn.ModuleList, rotary: nn.Module) -> None:
+        super().__init__()
+        self.config, self.family, self.span = config, family, span
+        self.layers, self.rotary_emb = layers, rotary
+        self.span_config = copy.copy(config)
+        self.span_config.num_hidden_layers = span.length
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.layers.parameters()).dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position: int = 0,
+        cache=None,
+        blocks: Span | None = None,
+    ) -> torch.Tensor:
+        """Run ``hidden_states`` [batch, tokens, hidden] through ``blocks`` (default: the whole span).
+
+        ``position`` is the index of the first token (what the cache already holds). Without a
+        cache the sequence is processed causally on its own.
+        """
+        from transformers.masking_utils import create_causal_mask
+
+        blocks = blocks or self.span
+        first, last = blocks.start - self.span.start, blocks.end - self.span.start
+        tokens = hidden_states.shape[1]
+        position_ids = torch.arange(position, position + tokens, device=hidden_states.device).unsqueeze(0)
+        mask = create_causal_mask(
+            config=self.span_config,
+            inputs_embeds=hidden_states,
+            attention_mask=None,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=first if cache is not None else None,
+        )
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)  # (cos, sin) [1, tokens, head_dim]
+        for layer in self.layers[first:last]:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+            )
+        return hidden_states
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.span_config)
+
+
+def _prepare_config(config) -> None:
+    config._attn_implementation = "sdpa"  # the same kernel transformers' own models use by default
+
+
+def load_span(model: str, start: int, end: int, dtype: str | torch.dtype = torch.float32) -> SpanModel:
+    """Load blocks ``start..end-1`` of ``model`` (alias, GGUF path or HF directory), nothing else."""
+    dtype = parse_dtype(dtype)
+    source = resolve_model(model)
+    config, family, reader = open_model(source)
+    _prepare_config(config)
+    span = Span(start, end)
+    if end > config.num_hidden_layers:
+        raise ValueError(f"span {span} exceeds the model's {config.num_hidden_layers} blocks")
+    layers = nn.ModuleList()
+    for local_index, block in enumerate(loading_progress(range(start, end), f"blocks {span} of {source.name}")):
+        with torch.device("meta"):
+            layer = family.decoder_layer_class(config, local_index)
+        names = reader.layer_names(block)
+        tensors = reader.read(names.values(), dtype)
+        layer.load_state_dict({param: tensors[name] for param, name in names.items()}, assign=True, strict=True)
+        layers.append(layer)
+    rotary = family.rotary_class(config=config)
+    span_model = SpanModel(config, family, span, layers, rotary).eval()
+    span_model.requires_grad_(False)
+    return span_model
+
+
+class ClientParts(nn.Module):
+    """What a client owns: tokenizer, token embeddings, final norm and LM head."""
+
+    def __init__(self, config, tokenizer, embedding: nn.Embedding, norm: nn.Module, lm_head_weight: torch.Tensor) -> None:
+        super().__init__()
+        self.config, self.tokenizer = config, tokenizer
+        self.embedding, self.norm = embedding, norm
+        self.lm_head_weight = nn.Parameter(lm_head_weight, requires_grad=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(input_ids)  # [batch, tokens] -> [batch, tokens, hidden]
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # [batch, tokens, hidden] -> [batch, tokens, vocab], computed in float32 for stable sampling
+        return nn.functional.linear(self.norm(hidden_states), self.lm_head_weight).float()
+
+
+def load_client_parts(model: str, dtype: str | torch.dtype = torch.float32) -> ClientParts:
+    """Load only the tokenizer, the embeddings, the final norm and the LM head of ``model``."""
+    dtype = parse_dtype(dtype)
+    source = resolve_model(model)
+    config, family, reader = open_model(source)
+    _prepare_config(config)
+    tokenizer = load_tokenizer(source)
+    gguf = source.kind.value == "gguf"
+    names = {
+        "embedding": family.gguf_embedding if gguf else family.hf_embedding,
+        "norm": family.gguf_final_norm if gguf else family.hf_final_norm,
+        "lm_head": family.gguf_lm_head if gguf else family.hf_lm_head,
+    }
+    if names["lm_head"] not in reader.available() or getattr(config, "tie_word_embeddings", False):
+        names.pop("lm_head")
+    tensors = reader.read(list(loading_progress(names.values(), f"client parts of {source.name}")), dtype)
+    embedding = nn.Embedding.from_pretrained(tensors[names["embedding"]], freeze=True)
+    with torch.device("meta"):
+        norm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
+    norm.load_state_dict({"weight": tensors[names["norm"]]}, assign=True)
+    lm_head = tensors[names["lm_head"]] if "lm_head" in names else embedding.weight
+    return ClientParts(config, tokenizer, embedding, norm, lm_head).eval()
