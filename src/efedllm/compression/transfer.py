@@ -152,13 +152,19 @@ def _check_factors(index: int, name: str, factors: SvdFactors, target: nn.Module
     _require(U.shape == (out_features, S.shape[0]) and Vh.shape == (S.shape[0], in_features), f"layer {index}: {name} factor shapes {tuple(U.shape)}, {tuple(S.shape)}, {tuple(Vh.shape)} do not fit [{out_features}, {in_features}]")
 
 
+def _dense_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The layer's state with every LowRankLinear replaced by its reconstructed dense weight."""
+    state = dict(layer.state_dict())
+    for name, module in layer.named_modules():
+        if isinstance(module, LowRankLinear):
+            for part in FACTOR_NAMES:
+                del state[f"{name}.{part}"]
+            state[f"{name}.weight"] = module.dense_weight()
+    return state
+
+
 def transfer_size(layers: nn.ModuleList, start: int = 0) -> TransferSize:
-    """Bytes of the packed span against the same span packed dense."""
-    payload = len(pack_layers(layers, start))
-    compressed, dense = 0, 0
-    for layer in layers:
-        for module in layer.modules():
-            if isinstance(module, LowRankLinear):
-                compressed += module.nbytes - (0 if module.bias is None else module.bias.numel() * module.bias.element_size())
-                dense += module.in_features * module.out_features * module.U.element_size()
-    return TransferSize(payload, payload - compressed + dense)
+    """Bytes of the packed span against the same span packed with every projection dense."""
+    dense_layers = [{name: _encode(tensor) for name, tensor in _dense_state(layer).items()} for layer in layers]
+    dense = msgpack.packb({"version": TRANSFER_VERSION, "start": start, "layers": dense_layers}, use_bin_type=True)
+    return TransferSize(len(pack_layers(layers, start)), len(dense))

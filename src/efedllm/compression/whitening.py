@@ -24,7 +24,7 @@ RIDGE_STEPS: tuple[float, ...] = (0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1)
 
 
 class GramCollector:
-    """Accumulates ``XᵀX`` (float64) of the inputs of each named ``nn.Linear`` with forward pre-hooks.
+    """Accumulates ``XᵀX`` (float64 sums of float32 batch products) of the inputs of each named ``nn.Linear`` with forward pre-hooks.
 
     Modules that share an input tensor (q/k/v, gate/up) share one Gram matrix, computed once.
     """
@@ -42,8 +42,9 @@ class GramCollector:
                 self.grams[name] = self.grams[self._last[1]]  # same tensor as the previous module: share it
                 self.tokens[name] = self.tokens[self._last[1]]
                 return
-            flat = inputs.detach().reshape(-1, inputs.shape[-1]).double()  # [N, n]
-            self.grams[name] = self.grams.get(name, 0) + flat.T @ flat
+            flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()  # [N, n]
+            # float32 products per call (4x faster than float64 on CPU), float64 running sum
+            self.grams[name] = self.grams.get(name, 0) + (flat.T @ flat).double()
             self.tokens[name] = self.tokens.get(name, 0) + flat.shape[0]
             self._last = (inputs, name)
 

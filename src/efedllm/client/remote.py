@@ -1,0 +1,261 @@
+"""The distributed client: finds a chain of servers in the DHT and generates through it.
+
+``DistributedModelForCausalLM`` owns the tokenizer, embeddings and LM head; each inference
+session opens a session on every hop of a chain. A step goes to the first hop with the rest of
+the chain attached, and servers forward it hop to hop (``relay=True`` instead sends every hop
+from the client, as Petals does). When a hop fails, the client bans it, picks a new chain,
+opens sessions there and replays the session's past inputs, so generation continues with the
+same tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from efedllm import wire
+from efedllm.client.generation import CausalLMClient
+from efedllm.client.routing import MissingBlocksError, RouteHop, choose_route
+from efedllm.records import Hop, OpenSessionRequest, StepRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RemoteClientConfig:
+    """``relay`` routes every hop through the client; ``wire_format`` defaults to the model dtype;
+    ``max_retries`` bounds failover attempts per step, backing off from ``retry_delay`` up to ``max_retry_delay``."""
+
+    relay: bool = False
+    wire_format: str | None = None
+    dtype: str = "float32"
+    request_timeout: float = 30.0
+    max_retries: int = 5
+    retry_delay: float = 0.2
+    max_retry_delay: float = 2.0
+    discovery_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.wire_format is not None:
+            wire.check_wire_format(self.wire_format)
+        if self.max_retries < 0 or self.request_timeout <= 0 or self.retry_delay < 0:
+            raise ValueError("max_retries must be >= 0, request_timeout > 0 and retry_delay >= 0")
+
+
+class HopFailure(RuntimeError):
+    def __init__(self, peer_id: str | None, message: str) -> None:
+        self.peer_id = peer_id
+        super().__init__(message)
+
+
+class RemoteSpanStub:
+    """Calls to one server's ``rpc_*`` handlers."""
+
+    def __init__(self, p2p, peer_id: str) -> None:
+        from hivemind.p2p import PeerID
+
+        from efedllm.server.handler import SpanServicer
+
+        self.peer_id = peer_id
+        self.stub = SpanServicer.get_stub(p2p, PeerID.from_base58(peer_id))
+
+    async def call(self, method: str, metadata: dict, tensors=(), timeout: float = 30.0):
+        try:
+            answer = await asyncio.wait_for(getattr(self.stub, method)(wire.request(metadata, tensors)), timeout)
+        except Exception as error:
+            raise HopFailure(self.peer_id, f"{method} on {self.peer_id} failed: {error!r}") from None
+        reply = wire.unpack_metadata(answer.metadata)
+        if not reply.get("ok"):
+            raise HopFailure(reply.get("failed_peer") or self.peer_id, str(reply.get("error")))
+        return answer
+
+
+class RemoteInferenceSession:
+    """A session across a chain of servers, with failover by replay."""
+
+    def __init__(self, model: "DistributedModelForCausalLM", max_length: int) -> None:
+        self.model, self.max_length = model, max_length
+        self.position = 0
+        self.history: list[torch.Tensor] = []  # inputs of block 0, [1, tokens, hidden] each
+        self.route: list[RouteHop] = []
+        self.session_ids: list[str] = []
+        self.failovers = 0
+
+    async def open(self, excluded: set[str]) -> None:
+        self.route = self.model.find_route(excluded, self.max_length)
+        self.session_ids = [uuid.uuid4().hex for _ in self.route]
+        await asyncio.gather(*(
+            self.model.stub(hop.peer_id).call(
+                "rpc_open_session", OpenSessionRequest(session_id, hop.blocks, self.max_length).to_wire()
+            )
+            for hop, session_id in zip(self.route, self.session_ids)
+        ))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(
+            self.model.stub(hop.peer_id).call("rpc_close_session", {"session_id": session_id}, timeout=5.0)
+            for hop, session_id in zip(self.route, self.session_ids)
+        ), return_exceptions=True)
+
+    def step(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.model.run(self._step_with_failover(hidden_states))
+
+    async def _step_with_failover(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        config = self.model.config
+        inputs, position = hidden_states, self.position
+        for attempt in range(config.max_retries + 1):
+            try:
+                outputs = await self._send(inputs, position)
+                break
+            except HopFailure as failure:
+                if attempt == config.max_retries:
+                    raise
+                logger.warning("hop failed (%s); finding another chain", failure)
+                self.model.banned.add(failure.peer_id or self.route[0].peer_id)
+                await asyncio.sleep(min(config.retry_delay * 2**attempt, config.max_retry_delay))
+                await self.close()
+                await self._reopen()
+                self.failovers += 1
+                inputs, position = torch.cat(self.history + [hidden_states], dim=1), 0  # replay the past
+        self.history.append(hidden_states)
+        self.position += hidden_states.shape[1]
+        return outputs[:, -hidden_states.shape[1]:]
+
+    async def _reopen(self) -> None:
+        deadline = time.monotonic() + self.model.config.discovery_timeout
+        while True:
+            try:
+                self.model.refresh_servers()
+                await self.open(self.model.banned)
+                return
+            except (MissingBlocksError, HopFailure):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    async def _send(self, hidden_states: torch.Tensor, position: int) -> torch.Tensor:
+        wire_format = self.model.wire_format
+        hops = [Hop(hop.peer_id, hop.blocks, session_id) for hop, session_id in zip(self.route, self.session_ids)]
+        if self.model.config.relay:
+            for hop in hops:
+                hidden_states = await self._call_hop(hop, (), hidden_states, position, wire_format)
+            return hidden_states
+        return await self._call_hop(hops[0], tuple(hops[1:]), hidden_states, position, wire_format)
+
+    async def _call_hop(self, hop: Hop, rest: tuple[Hop, ...], hidden_states, position: int, wire_format: str):
+        request = StepRequest(hop.session_id, hop.span, position, wire_format, rest)
+        tensors = wire.encode_hidden(hidden_states, wire_format)
+        self.model.bytes_sent += wire.wire_bytes(tensors)
+        answer = await self.model.stub(hop.peer_id).call("rpc_step", request.to_wire(), tensors, self.model.config.request_timeout)
+        try:
+            return wire.decode_hidden(answer.tensors, wire_format, self.model.parts.dtype)
+        except ValueError as error:
+            raise HopFailure(hop.peer_id, f"bad answer from {hop.peer_id}: {error}") from None
+
+
+async def _cancel_other_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class DistributedModelForCausalLM(CausalLMClient):
+    """A causal LM whose blocks run on a swarm; local parts are tokenizer, embeddings and LM head."""
+
+    def __init__(self, model: str, initial_peers: list[str], config: RemoteClientConfig = RemoteClientConfig()) -> None:
+        self.model_name, self.initial_peers, self.config = model, list(initial_peers), config
+        self.parts = None
+        self.servers: dict = {}
+        self.banned: set[str] = set()
+        self.rtt: dict[str, float] = {}
+        self.bytes_sent = 0
+        self._stubs: dict[str, RemoteSpanStub] = {}
+
+    @classmethod
+    def from_pretrained(cls, model: str, initial_peers: list[str], config: RemoteClientConfig = RemoteClientConfig()):
+        instance = cls(model, initial_peers, config)
+        instance.start()
+        return instance
+
+    # lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        from hivemind.dht import DHT
+        from hivemind.dht.crypto import RSASignatureValidator
+
+        from efedllm.models.span import load_client_parts
+
+        self.parts = load_client_parts(self.model_name, self.config.dtype)
+        self.wire_format = self.config.wire_format or self.config.dtype
+        self.dht = DHT(initial_peers=self.initial_peers, start=True, client_mode=True,
+                       record_validators=[RSASignatureValidator()])
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="efedllm-client-loop")
+        self._thread.start()
+        self.p2p = self.run(self.dht.replicate_p2p())
+        self.wait_for_coverage(self.config.discovery_timeout)
+
+    def shutdown(self) -> None:
+        if getattr(self, "_loop", None) is not None:
+            self.run(_cancel_other_tasks())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            self._loop.close()
+            self._loop = None
+        if getattr(self, "dht", None) is not None:
+            self.dht.shutdown()
+            self.dht = None
+
+    def run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    # discovery and routing -----------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.parts.config.num_hidden_layers
+
+    def refresh_servers(self) -> None:
+        from efedllm.discovery import fetch_servers
+
+        self.servers = fetch_servers(self.dht, self.model_name, self.num_blocks)
+
+    def deactivated_peers(self) -> set[str]:
+        """Peers that trusted verifiers deactivated (none until verdicts are configured)."""
+        return set()
+
+    def find_route(self, excluded: set[str], max_length: int = 0) -> list[RouteHop]:
+        excluded = set(excluded) | self.deactivated_peers()
+        return choose_route(list(self.servers.values()), self.num_blocks, self.rtt, excluded, max_length)
+
+    def wait_for_coverage(self, timeout: float) -> list[RouteHop]:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.refresh_servers()
+            try:
+                return self.find_route(self.banned)
+            except MissingBlocksError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def stub(self, peer_id: str) -> RemoteSpanStub:
+        if peer_id not in self._stubs:
+            self._stubs[peer_id] = RemoteSpanStub(self.p2p, peer_id)
+        return self._stubs[peer_id]
+
+    # sessions ------------------------------------------------------------------------------
+    @contextmanager
+    def inference_session(self, max_length: int):
+        session = RemoteInferenceSession(self, max_length)
+        self.run(session._reopen())
+        try:
+            yield session
+        finally:
+            self.run(session.close())

@@ -1,0 +1,78 @@
+"""Choosing a chain of servers that covers every block at the least expected latency (pure).
+
+Each hop costs the round trip to its server plus the share of the server's measured span
+time for the blocks it runs: ``rtt + blocks / (throughput · span_length)``. A dynamic program over
+block boundaries finds the cheapest chain; servers that are offline, full, banned or
+deactivated are skipped. Unknown round trips default to ``default_rtt``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from efedllm.records import ServerInfo, ServerState, Span
+
+DEFAULT_RTT = 0.005
+
+
+class MissingBlocksError(RuntimeError):
+    """No chain of usable servers covers every block."""
+
+    def __init__(self, missing: list[int]) -> None:
+        self.missing = missing
+        super().__init__(f"no usable server hosts block(s) {compress_ranges(missing)}")
+
+
+def compress_ranges(blocks: list[int]) -> str:
+    ranges, start = [], None
+    for index, block in enumerate(blocks):
+        start = block if start is None else start
+        if index + 1 == len(blocks) or blocks[index + 1] != block + 1:
+            ranges.append(f"{start}" if start == block else f"{start}-{block}")
+            start = None
+    return ", ".join(ranges)
+
+
+@dataclass(frozen=True)
+class RouteHop:
+    peer_id: str
+    blocks: Span
+
+
+def usable(info: ServerInfo, excluded: set[str], min_free_tokens: int) -> bool:
+    return info.state is ServerState.ONLINE and info.peer_id not in excluded and info.free_cache_tokens >= min_free_tokens
+
+
+def hop_cost(info: ServerInfo, blocks: Span, rtt: dict[str, float], default_rtt: float = DEFAULT_RTT) -> float:
+    per_block = 1.0 / (max(info.throughput, 1e-6) * info.span.length)
+    return rtt.get(info.peer_id, default_rtt) + blocks.length * per_block
+
+
+def choose_route(
+    servers: list[ServerInfo],
+    num_blocks: int,
+    rtt: dict[str, float] | None = None,
+    excluded: set[str] = frozenset(),
+    min_free_tokens: int = 0,
+) -> list[RouteHop]:
+    """The cheapest chain covering blocks ``0..num_blocks-1``; raises MissingBlocksError if none."""
+    rtt = rtt or {}
+    candidates = [info for info in servers if usable(info, excluded, min_free_tokens)]
+    best: list[tuple[float, list[RouteHop]] | None] = [None] * (num_blocks + 1)
+    best[0] = (0.0, [])
+    for start in range(num_blocks):
+        if best[start] is None:
+            continue
+        cost_so_far, hops = best[start]
+        for info in candidates:
+            if not info.span.start <= start < info.span.end:
+                continue
+            for end in range(start + 1, min(info.span.end, num_blocks) + 1):
+                blocks = Span(start, end)
+                cost = cost_so_far + hop_cost(info, blocks, rtt)
+                if best[end] is None or cost < best[end][0]:
+                    best[end] = (cost, hops + [RouteHop(info.peer_id, blocks)])
+    if best[num_blocks] is None:
+        covered = {block for info in candidates for block in range(info.span.start, info.span.end)}
+        raise MissingBlocksError([block for block in range(num_blocks) if block not in covered] or [num_blocks - 1])
+    return best[num_blocks][1]

@@ -1,0 +1,207 @@
+"""A server's lifecycle: start (DHT, span, handlers, announce), serve, rebalance, shut down.
+
+The constructor does no I/O. ``run()`` starts everything inside an asyncio loop, prints the
+multiaddrs, and keeps announcing the server's record until ``stop()`` (SIGTERM / Ctrl-C), when it
+announces itself offline and leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+import time
+
+import torch
+
+from efedllm import __version__
+from efedllm.records import ServerInfo, ServerState, Span
+from efedllm.server.config import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def measure_throughput(sessions, repeats: int = 8) -> float:
+    """Decode tokens per second through the whole span (one token, batch 1)."""
+    model = sessions.model
+    hidden = torch.randn(1, 1, model.hidden_size, dtype=model.dtype)
+    cache = model.new_cache()
+    with torch.inference_mode():
+        model(hidden, position=0, cache=cache)
+        started = time.perf_counter()
+        for position in range(1, repeats + 1):
+            model(hidden, position=position, cache=cache)
+    return repeats / (time.perf_counter() - started)
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.dht = self.p2p = self.servicer = self.sessions = None
+        self.span: Span | None = None
+        self.throughput = 0.0
+        self._stopping: asyncio.Event | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute")
+
+    # lifecycle -----------------------------------------------------------------------------
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stopping.set)
+        await self.start()
+        try:
+            await self._serve_until_stopped()
+        finally:
+            await self.shutdown()
+
+    def stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def start(self) -> None:
+        from hivemind.dht import DHT
+        from hivemind.dht.crypto import RSASignatureValidator
+
+        torch.set_num_threads(self.config.torch_threads)
+        self.validator = RSASignatureValidator()
+        self.dht = DHT(
+            initial_peers=list(self.config.initial_peers) or None,
+            start=True,
+            host_maddrs=self.config.host_maddrs,
+            record_validators=[self.validator],
+        )
+        self.p2p = await self.dht.replicate_p2p()
+        self.peer_id = self.p2p.peer_id.to_base58()
+        span = self.config.blocks or await self._choose_span()
+        await self._load(span)
+        for maddr in self.dht.get_visible_maddrs():
+            print(f"efedllm server {self.peer_id} serves blocks {self.span} at {maddr}", flush=True)
+
+    async def _load(self, span: Span) -> None:
+        from efedllm.models.sessions import SpanSessions
+        from efedllm.server.handler import SpanServicer
+
+        self.span = span
+        self._announce(ServerState.JOINING)
+        model = await self._compute(self._load_span_model, span)
+        self.sessions = SpanSessions(model, self.config.max_sessions, self.config.max_session_length)
+        self.throughput = await self._compute(measure_throughput, self.sessions)
+        fault = self._build_fault(model)
+        if self.servicer is not None:
+            await self.servicer.remove_p2p_handlers(self.p2p)
+        self.servicer = SpanServicer(self.sessions, self.p2p, self._compute, fault, self.config.wire_formats)
+        await self.servicer.add_p2p_handlers(self.p2p)
+        self._announce(ServerState.ONLINE)
+
+    def _load_span_model(self, span: Span):
+        from efedllm.models.span import load_span
+
+        model = load_span(self.config.model, span.start, span.end, self.config.dtype)
+        if self.config.compression:
+            from efedllm.compression.apply import span_compressor
+
+            span_compressor(self.config.model, **self.config.compression)(model)
+        return model
+
+    def _build_fault(self, model):
+        if not self.config.fault:
+            return None
+        from efedllm.verifier.faults import parse_fault
+
+        fault = parse_fault(self.config.fault)
+        fault.prepare(model.layers)
+        return fault
+
+    async def _compute(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def shutdown(self) -> None:
+        if self.dht is None:
+            return
+        try:
+            if self.span is not None:
+                self._announce(ServerState.OFFLINE)
+        except Exception as error:
+            logger.warning("could not announce offline: %s", error)
+        self.dht.shutdown()
+        self.dht = None
+        self._executor.shutdown(wait=False)
+        print(f"efedllm server {getattr(self, 'peer_id', '?')} left", flush=True)
+
+    # serving -------------------------------------------------------------------------------
+    async def _serve_until_stopped(self) -> None:
+        next_rebalance = time.monotonic() + self.config.rebalance_interval
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.config.announce_interval)
+            except asyncio.TimeoutError:
+                pass
+            if self._stopping.is_set():
+                break
+            self.servicer.close_idle_sessions(self.config.session_idle_timeout)
+            self._announce(ServerState.ONLINE)
+            if self.config.rebalance and self.config.num_blocks and time.monotonic() >= next_rebalance:
+                next_rebalance = time.monotonic() + self.config.rebalance_interval
+                await self._maybe_move()
+
+    def info(self, state: ServerState) -> ServerInfo:
+        free_tokens = 0
+        if self.sessions is not None:
+            free_tokens = max(0, self.config.max_session_length * (self.config.max_sessions - len(self.sessions)))
+        return ServerInfo(
+            peer_id=self.peer_id,
+            model=self.config.model,
+            span=self.span,
+            state=state,
+            throughput=float(self.throughput),
+            free_cache_tokens=free_tokens,
+            max_sessions=self.config.max_sessions,
+            public_key=self.validator.local_public_key.hex(),
+            software_version=__version__,
+            wire_formats=tuple(self.config.wire_formats),
+            dtype=self.config.dtype,
+        )
+
+    def _announce(self, state: ServerState) -> None:
+        from efedllm.discovery import announce
+
+        announce(self.dht, self.validator, self.info(state), ttl=3 * self.config.announce_interval)
+
+    # block selection -----------------------------------------------------------------------
+    def _num_model_blocks(self) -> int:
+        from efedllm.models.sources import resolve_model
+        from efedllm.models.weights import load_config
+
+        return load_config(resolve_model(self.config.model)).num_hidden_layers
+
+    def _swarm_servers(self, excluded: set[str] = frozenset()):
+        from efedllm.discovery import fetch_servers
+        total = self._num_model_blocks()
+        servers = fetch_servers(self.dht, self.config.model, total)
+        banned = self.deactivated_peers() | set(excluded)
+        return [info for peer, info in servers.items() if peer not in banned], total
+
+    def deactivated_peers(self) -> set[str]:
+        """Peers that trusted verifiers deactivated; their blocks count as uncovered."""
+        return set()
+
+    async def _choose_span(self) -> Span:
+        from efedllm.server.block_selection import block_coverage, choose_window
+
+        servers, total = await asyncio.get_running_loop().run_in_executor(None, self._swarm_servers)
+        return choose_window(block_coverage(servers, total), self.config.num_blocks)
+
+    async def _maybe_move(self) -> None:
+        from efedllm.server.block_selection import block_coverage, choose_move
+
+        servers, total = await asyncio.get_running_loop().run_in_executor(None, self._swarm_servers, {self.peer_id})
+        target = choose_move(block_coverage(servers, total), self.span)
+        if target is not None and len(self.sessions) == 0:
+            print(f"efedllm server {self.peer_id} moves from blocks {self.span} to {target}", flush=True)
+            self._announce(ServerState.OFFLINE)
+            await self._load(target)

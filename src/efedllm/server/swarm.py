@@ -1,0 +1,135 @@
+"""A local swarm on 127.0.0.1: a bootstrap DHT node in this process and server subprocesses.
+
+Used by ``efedllm demo``, ``efedllm swarm up``, the swarm tests and the benchmarks. Every process
+it starts is terminated (SIGTERM, then SIGKILL after a grace period) by ``shutdown()``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from efedllm.records import Span
+
+
+@dataclass
+class ServerProcess:
+    blocks: str
+    process: subprocess.Popen
+    log_path: str
+    extra: list[str] = field(default_factory=list)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path) as handle:
+                return handle.read()
+        except OSError:
+            return ""
+
+
+def even_spans(num_blocks: int, servers: int) -> list[Span]:
+    bounds = [round(index * num_blocks / servers) for index in range(servers + 1)]
+    return [Span(bounds[index], bounds[index + 1]) for index in range(servers)]
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def peer_id_of(server: ServerProcess) -> str | None:
+    """The peer id a server printed when it came up."""
+    for line in server.log().splitlines():
+        if line.startswith("efedllm server ") and " serves blocks " in line:
+            return line.split()[2]
+    return None
+
+
+class LocalSwarm:
+    def __init__(self, model: str = "smollm2-135m", log_dir: str | None = None) -> None:
+        self.model = model
+        self.log_dir = log_dir or os.path.join("/tmp", f"efedllm-swarm-{os.getpid()}")
+        self.servers: list[ServerProcess] = []
+        self.dht = None
+
+    def start_bootstrap(self) -> list[str]:
+        from hivemind.dht import DHT
+        from hivemind.dht.crypto import RSASignatureValidator
+
+        self.dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[RSASignatureValidator()])
+        return self.initial_peers
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return [str(maddr) for maddr in self.dht.get_visible_maddrs()]
+
+    def start_server(self, blocks: str | None = None, num_blocks: int | None = None, extra: list[str] = ()) -> ServerProcess:
+        os.makedirs(self.log_dir, exist_ok=True)
+        command = [sys.executable, "-m", "efedllm.cli", "serve", "--model", self.model, "--host", "127.0.0.1",
+                   "--initial-peers", *self.initial_peers, *extra]
+        command += ["--blocks", blocks] if blocks else ["--num-blocks", str(num_blocks)]
+        log_path = os.path.join(self.log_dir, f"server-{len(self.servers)}.log")
+        with open(log_path, "w") as log:
+            # own process group: stopping a server also stops its p2p daemon, as if the machine died
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        server = ServerProcess(blocks or f"auto:{num_blocks}", process, log_path, list(extra))
+        self.servers.append(server)
+        return server
+
+    def server_records(self):
+        from efedllm.discovery import fetch_servers
+        from efedllm.models.sources import resolve_model
+        from efedllm.models.weights import load_config
+
+        total = load_config(resolve_model(self.model)).num_hidden_layers
+        return fetch_servers(self.dht, self.model, total), total
+
+    def wait_until_online(self, count: int, timeout: float = 180.0) -> dict:
+        """Wait until ``count`` servers announce themselves online; raise with their logs if not."""
+        from efedllm.records import ServerState
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for server in self.servers:
+                if server.process.poll() is not None:
+                    raise RuntimeError(f"server {server.blocks} exited with {server.process.returncode}:\n{server.log()[-3000:]}")
+            records, _ = self.server_records()
+            online = {peer: info for peer, info in records.items() if info.state is ServerState.ONLINE}
+            if len(online) >= count:
+                return online
+            time.sleep(0.5)
+        raise TimeoutError(f"only some of {count} servers came online in {timeout} s")
+
+    def kill(self, server: ServerProcess, sig: int = signal.SIGKILL) -> None:
+        """Signal a server's whole process group (the server and its p2p daemon)."""
+        _signal_group(server.process, sig)
+        server.process.wait(timeout=30)
+
+    def shutdown(self, grace: float = 10.0) -> None:
+        for server in self.servers:
+            if server.process.poll() is None:
+                server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for server in self.servers:
+            try:
+                server.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(server.process, signal.SIGKILL)
+                server.process.wait()
+            _signal_group(server.process, signal.SIGKILL)  # whatever the server left behind in its group
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

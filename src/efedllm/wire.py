@@ -1,0 +1,93 @@
+"""Encoding hidden states and message metadata for P2P messages (shared by client and server).
+
+Hidden states travel in the model dtype by default; ``float16``/``bfloat16`` halve the bytes;
+``int8`` sends int8 values with one float32 scale per token (absmax / 127). Metadata is msgpack
+of a versioned record from :mod:`efedllm.records`. Every decode validates what it reads.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+
+from efedllm.records import RecordError
+
+WIRE_FORMATS = ("float32", "bfloat16", "float16", "int8")
+MAX_METADATA_BYTES = 64 * 1024
+MAX_TENSOR_ELEMENTS = 64 * 1024 * 1024
+
+
+def check_wire_format(name: str) -> str:
+    if name not in WIRE_FORMATS:
+        raise RecordError(f"wire format {name!r} is not one of {list(WIRE_FORMATS)}")
+    return name
+
+
+def encode_hidden(hidden_states: torch.Tensor, wire_format: str) -> list:
+    """[batch, tokens, hidden] -> serialised tensors for ``wire_format``."""
+    check_wire_format(wire_format)
+    if wire_format == "int8":
+        scale = hidden_states.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0  # [batch, tokens, 1]
+        values = torch.round(hidden_states.float() / scale).clamp(-127, 127).to(torch.int8)
+        return [serialize_torch_tensor(values), serialize_torch_tensor(scale)]
+    return [serialize_torch_tensor(hidden_states.to(getattr(torch, wire_format)))]
+
+
+def decode_hidden(tensors, wire_format: str, dtype: torch.dtype) -> torch.Tensor:
+    """Serialised tensors -> hidden states in ``dtype``; raises RecordError on anything malformed."""
+    check_wire_format(wire_format)
+    expected = 2 if wire_format == "int8" else 1
+    if len(tensors) != expected:
+        raise RecordError(f"{wire_format} hidden states need {expected} tensor(s), got {len(tensors)}")
+    for tensor in tensors:
+        elements = 1
+        for size in tensor.size:
+            elements *= size
+        if elements > MAX_TENSOR_ELEMENTS:
+            raise RecordError(f"tensor of {elements} elements exceeds the limit of {MAX_TENSOR_ELEMENTS}")
+    try:
+        decoded = [deserialize_torch_tensor(tensor) for tensor in tensors]
+    except Exception as error:  # a malformed buffer can fail in numpy or torch in many ways
+        raise RecordError(f"cannot decode hidden states: {error}") from None
+    if wire_format == "int8":
+        values, scale = decoded
+        if values.dtype != torch.int8 or scale.shape != values.shape[:-1] + (1,):
+            raise RecordError("int8 hidden states need int8 values and one scale per token")
+        return (values.float() * scale.float()).to(dtype)
+    if decoded[0].dtype != getattr(torch, wire_format):
+        raise RecordError(f"hidden states announced as {wire_format} arrived as {decoded[0].dtype}")
+    return decoded[0].to(dtype)
+
+
+def pack_metadata(data: dict) -> bytes:
+    return msgpack.packb(data, use_bin_type=True)
+
+
+def unpack_metadata(raw: bytes) -> dict:
+    if len(raw) > MAX_METADATA_BYTES:
+        raise RecordError(f"metadata of {len(raw)} bytes exceeds {MAX_METADATA_BYTES}")
+    try:
+        data = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as error:
+        raise RecordError(f"metadata is not valid msgpack: {error}") from None
+    if not isinstance(data, dict):
+        raise RecordError("metadata must be a mapping")
+    return data
+
+
+def request(metadata: dict, tensors=()) -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(uid="", tensors=list(tensors), metadata=pack_metadata(metadata))
+
+
+def response(metadata: dict, tensors=()) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(tensors=list(tensors), metadata=pack_metadata(metadata))
+
+
+def error_response(message: str, failed_peer: str | None = None) -> runtime_pb2.ExpertResponse:
+    return response({"ok": False, "error": message, "failed_peer": failed_peer})
+
+
+def wire_bytes(tensors) -> int:
+    return sum(len(tensor.buffer) for tensor in tensors)

@@ -1,0 +1,36 @@
+"""Fixtures that start real hivemind peers on 127.0.0.1 and clean every process up."""
+
+from __future__ import annotations
+
+import pytest
+
+from efedllm.client.local import LocalModelForCausalLM
+from efedllm.records import parse_spans
+from efedllm.server.swarm import LocalSwarm
+
+
+@pytest.fixture(scope="package")
+def swarm():
+    with LocalSwarm("smollm2-135m") as local_swarm:
+        local_swarm.start_bootstrap()
+        for blocks in ("0:10", "10:20", "20:30"):
+            local_swarm.start_server(blocks, extra=["--no-rebalance"])
+        local_swarm.wait_until_online(3)
+        yield local_swarm
+
+
+@pytest.fixture(scope="package")
+def local_pipeline(client_parts):
+    from efedllm.models import load_span
+
+    spans = parse_spans("0:10,10:20,20:30")
+    return LocalModelForCausalLM(client_parts, [load_span("smollm2-135m", s.start, s.end) for s in spans])
+
+
+@pytest.fixture
+def remote_model(swarm):
+    from efedllm.client.remote import DistributedModelForCausalLM
+
+    model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=swarm.initial_peers)
+    yield model
+    model.shutdown()

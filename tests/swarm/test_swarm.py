@@ -1,0 +1,132 @@
+"""A real swarm on 127.0.0.1: chained inference, failover, block selection, bad requests."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from efedllm import wire
+from efedllm.client.remote import DistributedModelForCausalLM, RemoteClientConfig
+from efedllm.client.sampling import GenerationConfig
+from efedllm.records import OpenSessionRequest, ServerState, Span, StepRequest
+from efedllm.server.swarm import peer_id_of
+
+pytestmark = pytest.mark.swarm
+GREEDY = GenerationConfig(max_new_tokens=24, greedy=True, stop_on_eos=False)
+PROMPT = "Name three colours of the rainbow."
+
+
+def test_chained_and_relayed_match_local(swarm, remote_model, local_pipeline):
+    input_ids = local_pipeline.encode_prompt(PROMPT)
+    expected = local_pipeline.generate(input_ids, GREEDY).token_ids
+    assert remote_model.generate(input_ids, GREEDY).token_ids == expected
+    relayed = DistributedModelForCausalLM.from_pretrained(
+        "smollm2-135m", swarm.initial_peers, RemoteClientConfig(relay=True))
+    try:
+        assert relayed.generate(input_ids, GREEDY).token_ids == expected
+    finally:
+        relayed.shutdown()
+
+
+def test_float16_wire_keeps_greedy_tokens(swarm, local_pipeline):
+    model = DistributedModelForCausalLM.from_pretrained(
+        "smollm2-135m", swarm.initial_peers, RemoteClientConfig(wire_format="float16"))
+    try:
+        input_ids = local_pipeline.encode_prompt(PROMPT)
+        assert model.generate(input_ids, GREEDY).token_ids == local_pipeline.generate(input_ids, GREEDY).token_ids
+    finally:
+        model.shutdown()
+
+
+def test_two_concurrent_clients(swarm, local_pipeline):
+    prompts = ["Say hello in French.", "What is two plus two?"]
+    expected = [local_pipeline.generate(local_pipeline.encode_prompt(p), GREEDY).token_ids for p in prompts]
+    results = [None, None]
+
+    def generate(index):
+        model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", swarm.initial_peers)
+        try:
+            results[index] = model.generate(model.encode_prompt(prompts[index]), GREEDY).token_ids
+        finally:
+            model.shutdown()
+
+    threads = [threading.Thread(target=generate, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert results == expected
+
+
+def _call(model, peer_id, method, metadata, tensors=()):
+    stub = model.stub(peer_id).stub
+    answer = model.run(getattr(stub, method)(wire.request(metadata, tensors)))
+    return wire.unpack_metadata(answer.metadata), answer
+
+
+def test_bad_requests_get_errors_and_server_keeps_serving(swarm, remote_model, local_pipeline):
+    peer = next(info.peer_id for info in remote_model.servers.values() if info.span == Span(0, 10))
+    hidden = torch.randn(1, 2, 576)
+    good_open = OpenSessionRequest("bad-inputs", Span(0, 10), 8).to_wire()
+    assert _call(remote_model, peer, "rpc_open_session", good_open)[0]["ok"]
+    cases = {
+        "unknown session": (StepRequest("nope", Span(0, 10), 0).to_wire(), wire.encode_hidden(hidden, "float32")),
+        "out of order": (StepRequest("bad-inputs", Span(0, 10), 5).to_wire(), wire.encode_hidden(hidden, "float32")),
+        "hidden size": (StepRequest("bad-inputs", Span(0, 10), 0).to_wire(), wire.encode_hidden(torch.randn(1, 2, 7), "float32")),
+        "max_length": (StepRequest("bad-inputs", Span(0, 10), 0).to_wire(), wire.encode_hidden(torch.randn(1, 9, 576), "float32")),
+        "NaN": (StepRequest("bad-inputs", Span(0, 10), 0).to_wire(), wire.encode_hidden(torch.full((1, 1, 576), float("nan")), "float32")),
+        "lacks field": ({"session_id": "bad-inputs"}, ()),
+        "version": ({**StepRequest("bad-inputs", Span(0, 10), 0).to_wire(), "version": 99}, ()),
+        "need 1 tensor": (StepRequest("bad-inputs", Span(0, 10), 0).to_wire(), ()),
+        "arrived as": (StepRequest("bad-inputs", Span(0, 10), 0, "float16").to_wire(), wire.encode_hidden(hidden, "float32")),
+    }
+    for expected_message, (metadata, tensors) in cases.items():
+        reply, _ = _call(remote_model, peer, "rpc_step", metadata, tensors)
+        assert not reply["ok"] and expected_message in reply["error"], (expected_message, reply)
+    oversized = _call(remote_model, peer, "rpc_open_session", {**good_open, "session_id": "x" * 1000})[0]
+    assert not oversized["ok"] and "longer than" in oversized["error"]
+    garbage = remote_model.run(remote_model.stub(peer).stub.rpc_step(
+        wire.runtime_pb2.ExpertRequest(metadata=b"\xc1\xff not msgpack")))
+    assert "msgpack" in wire.unpack_metadata(garbage.metadata)["error"]
+    input_ids = local_pipeline.encode_prompt(PROMPT)
+    assert remote_model.generate(input_ids, GREEDY).token_ids == local_pipeline.generate(input_ids, GREEDY).token_ids
+
+
+def test_num_blocks_fills_thinnest_span_and_failover_after_sigkill(swarm, local_pipeline):
+    """A spare server picks the thinnest window; killing a chain server mid-generation changes no token."""
+    swarm.start_server(num_blocks=10, extra=["--no-rebalance"])
+    records = swarm.wait_until_online(4)
+    spans = sorted(info.span for info in records.values())
+    assert spans == [Span(0, 10), Span(0, 10), Span(10, 20), Span(20, 30)]  # every block was covered once: leftmost
+    input_ids = local_pipeline.encode_prompt(PROMPT)
+    greedy = GenerationConfig(max_new_tokens=32, greedy=True, stop_on_eos=False)
+    expected = local_pipeline.generate(input_ids, greedy).token_ids
+
+    model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", swarm.initial_peers)
+    try:
+        with model.inference_session(max_length=input_ids.shape[1] + 32) as session:
+            tokens, step_ids = [], input_ids
+            for index in range(32):
+                if index == 10:
+                    first_hop = session.route[0].peer_id
+                    swarm.kill(next(server for server in swarm.servers if peer_id_of(server) == first_hop))
+                hidden = session.step(local_pipeline.parts.embed(step_ids))
+                token = int(local_pipeline.parts.logits(hidden[:, -1:])[0, -1].argmax())
+                tokens.append(token)
+                step_ids = torch.tensor([[token]])
+            assert session.failovers >= 1 and first_hop not in {hop.peer_id for hop in session.route}
+        assert tokens == expected
+    finally:
+        model.shutdown()
+
+
+def test_no_chain_names_missing_blocks():
+    from efedllm.client.routing import MissingBlocksError, choose_route
+    from efedllm.records import ServerInfo
+
+    info = ServerInfo("p", "m", Span(0, 10), ServerState.ONLINE, 10.0, 100, 1, "k", "0")
+    with pytest.raises(MissingBlocksError, match="10-29"):
+        choose_route([info], 30)

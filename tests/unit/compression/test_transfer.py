@@ -1,0 +1,77 @@
+import msgpack
+import pytest
+import torch
+from torch import nn
+
+from efedllm.compression.lowrank import LowRankLinear
+from efedllm.compression.transfer import TransferError, load_packed_layers, pack_layers, transfer_size, unpack_layers
+
+
+class TinyBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.up = nn.Linear(16, 48, bias=False)
+        self.down = nn.Linear(48, 16, bias=True)
+
+    def forward(self, hidden):
+        return hidden + self.down(torch.relu(self.up(self.norm(hidden))))
+
+
+def _span(compress: bool) -> nn.ModuleList:
+    torch.manual_seed(0)
+    layers = nn.ModuleList([TinyBlock(), TinyBlock()])
+    if compress:
+        layers[0].up = LowRankLinear.from_linear(layers[0].up, 6)
+        layers[1].down = LowRankLinear.from_linear(layers[1].down, 5)
+    return layers
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_round_trip_gives_the_same_outputs(compress):
+    sender = _span(compress)
+    packed = unpack_layers(pack_layers(sender, start=7))
+    assert packed.start == 7 and packed.end == 9
+    torch.manual_seed(1)
+    receiver = nn.ModuleList([TinyBlock(), TinyBlock()])  # different weights, dense
+    load_packed_layers(receiver, packed)
+    hidden = torch.randn(2, 3, 16)
+    for send, receive in zip(sender, receiver):
+        assert type(send.up) is type(receive.up) and type(send.down) is type(receive.down)
+        assert torch.equal(send(hidden), receive(hidden))
+
+
+def test_compressed_transfer_is_smaller_by_the_factor_sizes():
+    dense = transfer_size(_span(False))
+    compressed = transfer_size(_span(True))
+    assert dense.payload_bytes == dense.dense_bytes
+    assert compressed.dense_bytes == dense.dense_bytes
+    saved = 4 * ((16 * 48 - 6 * (16 + 48 + 1)) + (48 * 16 - 5 * (48 + 16 + 1)))
+    assert dense.payload_bytes - compressed.payload_bytes == pytest.approx(saved, abs=200)  # msgpack headers
+
+
+def test_malformed_payloads_are_rejected():
+    good = msgpack.unpackb(pack_layers(_span(True), 0), raw=False)
+    with pytest.raises(TransferError, match="msgpack"):
+        unpack_layers(b"\xc1garbage")
+    with pytest.raises(TransferError, match="version"):
+        unpack_layers(msgpack.packb({**good, "version": 99}))
+    truncated = {**good, "layers": [dict(good["layers"][0]), *good["layers"][1:]]}
+    record = dict(truncated["layers"][0]["up.U"])
+    record["data"] = record["data"][:-4]
+    truncated["layers"][0]["up.U"] = record
+    with pytest.raises(TransferError, match="bytes"):
+        unpack_layers(msgpack.packb(truncated, use_bin_type=True))
+    nan = {**good, "layers": [dict(good["layers"][0]), *good["layers"][1:]]}
+    nan["layers"][0]["norm.weight"] = {"dtype": "float32", "shape": [1], "data": torch.tensor([float("nan")]).numpy().tobytes()}
+    with pytest.raises(TransferError, match="NaN"):
+        unpack_layers(msgpack.packb(nan, use_bin_type=True))
+
+
+def test_payload_for_another_architecture_is_rejected():
+    packed = unpack_layers(pack_layers(_span(False), 0))
+    with pytest.raises(TransferError, match="layers"):
+        load_packed_layers(nn.ModuleList([TinyBlock()]), packed)
+    other = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+    with pytest.raises(TransferError, match="architecture"):
+        load_packed_layers(other, packed)
