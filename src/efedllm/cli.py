@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 
@@ -25,8 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="efedllm", description="Federated LLM inference across untrusting servers.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in ROLE_CLIS:
-        if importlib.util.find_spec(module_name) is not None:  # TEMP while roles land
-            importlib.import_module(module_name).register(subparsers)
+        importlib.import_module(module_name).register(subparsers)
     return parser
 
 

@@ -1,0 +1,103 @@
+"""A 3-server swarm on 127.0.0.1 (chained and client-relayed) vs the local pipeline: tokens/s for
+64 greedy tokens, time to first token, bytes per token per hop for each wire format, and each
+server's peak RSS. Prints one JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from efedllm import wire  # noqa: E402
+from efedllm.client.local import LocalModelForCausalLM  # noqa: E402
+from efedllm.client.remote import DistributedModelForCausalLM, RemoteClientConfig  # noqa: E402
+from efedllm.client.sampling import GenerationConfig  # noqa: E402
+from efedllm.records import parse_spans  # noqa: E402
+from efedllm.server.swarm import LocalSwarm  # noqa: E402
+
+MODEL, TOKENS, REPEATS = "smollm2-135m", 64, 3
+PROMPT = "Write a short story about a lighthouse keeper."
+CONFIG = GenerationConfig(max_new_tokens=TOKENS, greedy=True, stop_on_eos=False)
+
+
+def measure(model, input_ids) -> dict:
+    model.generate(input_ids, CONFIG)  # warm-up
+    results = [model.generate(input_ids, CONFIG) for _ in range(REPEATS)]
+    best = max(results, key=lambda result: result.tokens_per_s)
+    return {"tokens_per_s": round(best.tokens_per_s, 2), "time_to_first_token_s": round(best.time_to_first_token, 4),
+            "token_ids": best.token_ids}
+
+
+def wire_perplexity(local, text_path: Path, tokens: int = 4096, window: int = 1024) -> dict:
+    """Perplexity of the 3-span pipeline with hidden states encoded/decoded at each span boundary."""
+    if not text_path.is_file():
+        return {}
+    ids = local.parts.tokenizer(text_path.read_text(encoding="utf-8")[:200_000])["input_ids"][:tokens]
+    result = {}
+    for wire_format in wire.WIRE_FORMATS:
+        total, count = 0.0, 0
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start:start + window]])
+            with torch.inference_mode():
+                hidden = local.parts.embed(chunk)
+                for span in local.spans:
+                    hidden = wire.decode_hidden(wire.encode_hidden(span(hidden), wire_format), wire_format, torch.float32)
+                logits = local.parts.logits(hidden)[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
+            count += chunk.shape[1] - 1
+        result[wire_format] = round(float(torch.exp(torch.tensor(total / count))), 3)
+    return result
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    local = LocalModelForCausalLM.load(MODEL, parse_spans("0:10,10:20,20:30"))
+    input_ids = local.encode_prompt(PROMPT)
+    local_result = measure(local, input_ids)
+    with LocalSwarm(MODEL) as swarm:
+        swarm.start_bootstrap()
+        for blocks in ("0:10", "10:20", "20:30"):
+            swarm.start_server(blocks, extra=["--no-rebalance"])
+        swarm.wait_until_online(3)
+        results = {}
+        for name, config in {"chained": RemoteClientConfig(), "relayed": RemoteClientConfig(relay=True)}.items():
+            model = DistributedModelForCausalLM.from_pretrained(MODEL, swarm.initial_peers, config)
+            try:
+                results[name] = measure(model, input_ids)
+            finally:
+                model.shutdown()
+        server_rss = [round(peak_rss_mib(server.process.pid), 1) for server in swarm.servers]
+    perplexity = wire_perplexity(local, Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.raw")
+    one_token = torch.randn(1, 1, 576)
+    bytes_per_hop = {fmt: wire.wire_bytes(wire.encode_hidden(one_token, fmt)) for fmt in wire.WIRE_FORMATS}
+    print(json.dumps({
+        "benchmark": "swarm_vs_local", "servers": 3, "new_tokens": TOKENS,
+        "local_tokens_per_s": local_result["tokens_per_s"],
+        "chained_tokens_per_s": results["chained"]["tokens_per_s"],
+        "relayed_tokens_per_s": results["relayed"]["tokens_per_s"],
+        "chained_over_local": round(results["chained"]["tokens_per_s"] / local_result["tokens_per_s"], 3),
+        "relayed_over_local": round(results["relayed"]["tokens_per_s"] / local_result["tokens_per_s"], 3),
+        "chained_over_relayed": round(results["chained"]["tokens_per_s"] / results["relayed"]["tokens_per_s"], 3),
+        "time_to_first_token_s": {"local": local_result["time_to_first_token_s"],
+                                  "chained": results["chained"]["time_to_first_token_s"],
+                                  "relayed": results["relayed"]["time_to_first_token_s"]},
+        "same_tokens_as_local": all(r["token_ids"] == local_result["token_ids"] for r in results.values()),
+        "bytes_per_token_per_hop": bytes_per_hop,
+        "server_peak_rss_mib": server_rss,
+        "wikitext2_perplexity_by_wire_format_4096_tokens": perplexity,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import pytest
+
+from efedllm.client.routing import MissingBlocksError, RouteHop, choose_route, compress_ranges
+from efedllm.records import ServerInfo, ServerState, Span
+
+
+def server(peer, start, end, throughput=100.0, state=ServerState.ONLINE, free=1000):
+    return ServerInfo(peer, "m", Span(start, end), state, throughput, free, 4, "key", "0.1.0")
+
+
+def test_covers_every_block_with_fewest_expensive_hops():
+    servers = [server("a", 0, 10), server("b", 10, 20), server("c", 20, 30), server("big", 0, 30, throughput=10.0)]
+    # "big" alone: 5 ms + 1/10 s = 105 ms; a, b, c: 3 * (5 ms + 10 ms) = 45 ms; mixes cost more
+    assert [hop.peer_id for hop in choose_route(servers, 30)] == ["a", "b", "c"]
+    slow_links = {"a": 0.1, "b": 0.1, "c": 0.1}  # now three hops cost 330 ms
+    assert choose_route(servers, 30, rtt=slow_links) == [RouteHop("big", Span(0, 30))]
+
+
+def test_uses_part_of_a_span_and_skips_unusable_servers():
+    servers = [server("a", 0, 15), server("b", 10, 30), server("off", 0, 30, state=ServerState.OFFLINE),
+               server("full", 0, 30, free=0), server("banned", 0, 30)]
+    route = choose_route(servers, 30, excluded={"banned"}, min_free_tokens=10)
+    assert route[0].blocks.start == 0 and route[-1].blocks.end == 30
+    assert {hop.peer_id for hop in route} == {"a", "b"}
+    assert all(route[i].blocks.end == route[i + 1].blocks.start for i in range(len(route) - 1))
+
+
+def test_missing_blocks_are_named():
+    with pytest.raises(MissingBlocksError, match="10-14, 20"):
+        choose_route([server("a", 0, 10), server("b", 15, 20), server("c", 21, 30)], 30)
+    assert compress_ranges([1, 2, 3, 7]) == "1-3, 7"
