@@ -15,6 +15,7 @@ ROLE_CLIS = (
     "efedllm.client.cli",
     "efedllm.server.cli",
     "efedllm.verifier.cli",
+    "efedllm.verifier.node_cli",
     "efedllm.compression.cli",
     "efedllm.analysis.cli",
 )

@@ -45,6 +45,9 @@ def register(subparsers) -> None:
     parser.add_argument("--wire", default=None, choices=["float32", "bfloat16", "float16", "int8"])
     parser.add_argument("--relay", action="store_true", help="route every hop through the client (Petals' way)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--trusted-verifiers", nargs="*", default=[], metavar="KEY",
+                        help="verifier keys (hex, as `efedllm verify` prints) whose verdicts route around servers")
+    parser.add_argument("--verifier-quorum", default="majority", help="any, majority, all or a number")
     add_generation_arguments(parser)
     add_compression_arguments(parser)
     parser.set_defaults(func=run_generate)
@@ -88,7 +91,9 @@ def run_generate(args) -> int:
         model = DistributedModelForCausalLM.from_pretrained(
             args.model,
             initial_peers=args.initial_peers,
-            config=RemoteClientConfig(relay=args.relay, wire_format=args.wire, dtype=args.dtype),
+            config=RemoteClientConfig(relay=args.relay, wire_format=args.wire, dtype=args.dtype,
+                                      trusted_verifier_keys=tuple(args.trusted_verifiers),
+                                      verifier_quorum=args.verifier_quorum),
         )
     try:
         input_ids = model.encode_prompt(args.prompt, chat=not args.no_chat)

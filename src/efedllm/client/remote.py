@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RemoteClientConfig:
     """``relay`` routes every hop through the client; ``wire_format`` defaults to the model dtype;
-    ``max_retries`` bounds failover attempts per step, backing off from ``retry_delay`` up to ``max_retry_delay``."""
+    ``max_retries`` bounds failover attempts per step, backing off from ``retry_delay`` up to ``max_retry_delay``;
+    ``trusted_verifier_keys`` are the verifiers (hex keys) whose signed verdicts deactivate servers when
+    ``verifier_quorum`` of them agree (no keys: no server is ever deactivated)."""
 
     relay: bool = False
     wire_format: str | None = None
@@ -41,10 +43,19 @@ class RemoteClientConfig:
     retry_delay: float = 0.2
     max_retry_delay: float = 2.0
     discovery_timeout: float = 30.0
+    trusted_verifier_keys: tuple[str, ...] = ()
+    verifier_quorum: str = "majority"
 
     def __post_init__(self) -> None:
+        from efedllm.verifier.quorum import QuorumRule
+
         if self.wire_format is not None:
             wire.check_wire_format(self.wire_format)
+        object.__setattr__(self, "trusted_verifier_keys", tuple(self.trusted_verifier_keys))
+        if not all(isinstance(key, str) and key for key in self.trusted_verifier_keys):
+            raise ValueError("trusted_verifier_keys must be non-empty hex strings")
+        if self.trusted_verifier_keys:
+            QuorumRule.parse(self.verifier_quorum).required_votes(len(self.trusted_verifier_keys))
         if self.max_retries < 0 or self.request_timeout <= 0 or self.retry_delay < 0:
             raise ValueError("max_retries must be >= 0, request_timeout > 0 and retry_delay >= 0")
 
@@ -177,6 +188,7 @@ class DistributedModelForCausalLM(CausalLMClient):
         self.banned: set[str] = set()
         self.rtt: dict[str, float] = {}
         self.bytes_sent = 0
+        self._deactivated: set[str] = set()
         self._stubs: dict[str, RemoteSpanStub] = {}
 
     @classmethod
@@ -225,10 +237,21 @@ class DistributedModelForCausalLM(CausalLMClient):
         from efedllm.discovery import fetch_servers
 
         self.servers = fetch_servers(self.dht, self.model_name, self.num_blocks)
+        self._deactivated = self._fetch_deactivated()
+
+    def _fetch_deactivated(self) -> set[str]:
+        from efedllm.verifier.quorum import QuorumRule
+        from efedllm.verifier.verdicts import deactivated_peers_in_dht
+
+        keys = self.config.trusted_verifier_keys
+        if not keys or not self.servers:
+            return set()
+        return deactivated_peers_in_dht(self.dht, self.model_name, self.servers.keys(), keys,
+                                        QuorumRule.parse(self.config.verifier_quorum))
 
     def deactivated_peers(self) -> set[str]:
-        """Peers that trusted verifiers deactivated (none until verdicts are configured)."""
-        return set()
+        """Peers a quorum of trusted verifiers deactivated, as of the last ``refresh_servers()``."""
+        return set(self._deactivated)
 
     def find_route(self, excluded: set[str], max_length: int = 0) -> list[RouteHop]:
         excluded = set(excluded) | self.deactivated_peers()

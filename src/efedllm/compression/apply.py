@@ -17,8 +17,7 @@ The plain method needs no calibration: eq. 15 (ratio) or eq. 12 (energy) on W's 
 from __future__ import annotations
 
 import enum
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +26,8 @@ from torch import nn
 
 from efedllm.compression.allocation import MatrixSpectrum, allocate_ranks, uniform_ranks
 from efedllm.compression.lowrank import LowRankLinear, cast_factors, linear_nbytes
-from efedllm.compression.rank import break_even_rank, parameter_count, rank_for_energy, rank_for_ratio
-from efedllm.compression.svd import SvdAlgorithm, singular_values, truncated_svd
+from efedllm.compression.rank import parameter_count, rank_for_energy
+from efedllm.compression.svd import SvdAlgorithm, singular_values
 from efedllm.compression.whitening import GramCollector, whitened_singular_values, whitened_svd, whitening_factor
 
 # (layer index, hidden [B, T, H]) -> hidden [B, T, H], running the span's layer i causally
@@ -178,13 +177,22 @@ def _plain_ranks(config: CompressionConfig, weights: list[torch.Tensor], spectra
         return [rank_for_energy(values.tolist(), config.energy) for values in spectra]
     if config.allocation is RankAllocation.GLOBAL:
         budget = config.ratio * sum(weight.numel() for weight in weights)
-        problems = [MatrixSpectrum(*weight.shape, values, 1.0 / float((values.double() ** 2).sum())) for weight, values in zip(weights, spectra)]
+        # loss weight 1 / Σσ²: each matrix's dropped share of its own output energy (relative error)
+        problems = [
+            MatrixSpectrum(*weight.shape, values, 1.0 / float((values.double() ** 2).sum().clamp_min(1e-300)))
+            for weight, values in zip(weights, spectra)
+        ]
         return allocate_ranks(problems, budget, config.allow_dense)
     return uniform_ranks([tuple(weight.shape) for weight in weights], config.ratio)
 
 
-def _collect_spectra(layers: nn.ModuleList, hidden: torch.Tensor, run_layer: LayerRunner) -> list[torch.Tensor]:
-    """Pass 1: whitened singular values of every projection, inputs from the original layers."""
+def whitened_spectra(layers: nn.ModuleList, hidden: torch.Tensor, run_layer: LayerRunner) -> list[torch.Tensor]:
+    """Pass 1: whitened singular values of every projection (layer order, then :data:`PROJECTION_STAGES` order).
+
+    Inputs come from the original layers; the result depends only on the model and the calibration
+    inputs, so callers that try several ratios can compute it once and pass it to :func:`compress_layers`.
+    """
+    _check_hidden(hidden)
     spectra = []
     for index, layer in enumerate(layers):
         modules = projections(layer)
@@ -203,15 +211,17 @@ def compress_layers(
     config: CompressionConfig,
     calibration_hidden: torch.Tensor | None = None,
     run_layer: LayerRunner | None = None,
+    spectra: list[torch.Tensor] | None = None,
 ) -> CompressionReport:
     """Replace every projection of ``layers`` by a :class:`LowRankLinear` (or keep it dense), in place.
 
     ``calibration_hidden`` [B, T, H] are the span's input hidden states for calibration and
     ``run_layer(i, hidden)`` runs them through ``layers[i]``; both are needed for whitening only.
+    ``spectra``: the output of :func:`whitened_spectra` for these layers and inputs, if already known.
     """
     modules = [module for layer in layers for module in projections(layer).values()]
     weights = [module.weight.detach() for module in modules]
-    plain_spectra = [singular_values(weight.double()) for weight in weights]
+    plain_spectra = [singular_values(weight.float()) for weight in weights]
     if not config.needs_calibration:
         ranks = _plain_ranks(config, weights, plain_spectra)
         reports = _compress_plain(layers, config, ranks, plain_spectra)
@@ -219,7 +229,9 @@ def compress_layers(
     if calibration_hidden is None or run_layer is None:
         raise ValueError("whitened compression needs calibration_hidden and run_layer")
     _check_hidden(calibration_hidden)
-    whitened = _collect_spectra(layers, calibration_hidden, run_layer)
+    whitened = spectra if spectra is not None else whitened_spectra(layers, calibration_hidden, run_layer)
+    if len(whitened) != len(modules):
+        raise ValueError(f"got {len(whitened)} spectra for {len(modules)} projections")
     ranks = _plain_ranks(config, weights, whitened)
     reports = _compress_sequentially(layers, config, ranks, calibration_hidden, run_layer)
     reports = [
@@ -264,7 +276,9 @@ def _compress_sequentially(layers, config, ranks, hidden, run_layer) -> list[Mat
         for stage in PROJECTION_STAGES:
             stage_modules = {name: layer.get_submodule(name) for name in stage if layer_ranks[name] is not None}
             if not stage_modules:
-                reports += [_report(index, name, layer.get_submodule(name), None, tuple(layer.get_submodule(name).weight.shape)) for name in stage]
+                for name in stage:
+                    module = layer.get_submodule(name)
+                    reports.append(_report(index, name, module, None, tuple(module.weight.shape)))
                 continue
             collector = GramCollector(stage_modules)
             with torch.no_grad():

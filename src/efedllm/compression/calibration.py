@@ -55,3 +55,61 @@ def decoder_layer_runner(config, layers: nn.ModuleList, batch_size: int = 8) -> 
         return torch.cat(outputs)
 
     return run
+
+
+def span_layer_runner(span_model, batch_size: int = 8) -> LayerRunner:
+    """A :data:`LayerRunner` over an ``efedllm.models.SpanModel``: block ``span.start + i``, in batches."""
+    from efedllm.records import Span
+
+    start = span_model.span.start
+
+    def run(index: int, hidden: torch.Tensor) -> torch.Tensor:
+        block = Span(start + index, start + index + 1)
+        return torch.cat([span_model(chunk, blocks=block) for chunk in hidden.split(batch_size)])
+
+    return run
+
+
+def calibration_token_ids(tokenizer, config) -> torch.Tensor:
+    """The calibration windows [samples, length] of ``config`` from its text (default: shared WikiText-2)."""
+    from efedllm.compression.perplexity import default_text_path, read_text, tokenize
+
+    path = config.calibration_text or default_text_path()
+    if path is None:
+        raise FileNotFoundError("no calibration text: pass one (--calibration-text FILE) or provide ../shared/data/wikitext2-test.raw")
+    token_ids = tokenize(tokenizer, read_text(path))
+    return calibration_windows(token_ids, config.calibration_samples, config.calibration_length, config.calibration_offset, config.seed)
+
+
+def span_calibration_inputs(model: str, start: int, config) -> torch.Tensor:
+    """Calibration hidden states [samples, length, H] at the input of block ``start``, made from text.
+
+    A server has no other servers' weights, so it embeds the text and runs it through the
+    *uncompressed* blocks ``0..start-1``, loaded for the purpose and dropped afterwards; inside its own
+    span the inputs then come from its already-compressed layers.
+    """
+    from efedllm.models import load_client_parts, load_span
+
+    client = load_client_parts(model)
+    with torch.no_grad():
+        hidden = client.embed(calibration_token_ids(client.tokenizer, config))  # [samples, length, H]
+        if start > 0:
+            prefix = load_span(model, 0, start)
+            run = span_layer_runner(prefix)
+            for index in range(start):
+                hidden = run(index, hidden)
+    return hidden
+
+
+def compress_span(span_model, model: str, config):
+    """Compress a loaded ``SpanModel`` in place by ``config``; returns the CompressionReport.
+
+    Deterministic for a given (model, span, config): a local pipeline that compresses the same
+    spans with the same config gets the same weights as the servers hosting them.
+    """
+    from efedllm.compression.apply import compress_layers
+
+    if not config.needs_calibration:
+        return compress_layers(span_model.layers, config)
+    hidden = span_calibration_inputs(model, span_model.span.start, config)
+    return compress_layers(span_model.layers, config, hidden, span_layer_runner(span_model))

@@ -29,7 +29,12 @@ class PerplexityResult:
     windows: int
 
     def to_dict(self) -> dict:
-        return {"perplexity": self.perplexity, "mean_nll": self.mean_nll, "predicted_tokens": self.predicted_tokens, "windows": self.windows}
+        return {
+            "perplexity": self.perplexity,
+            "mean_nll": self.mean_nll,
+            "predicted_tokens": self.predicted_tokens,
+            "windows": self.windows,
+        }
 
 
 def default_text_path(project_root: Path | None = None) -> Path | None:

@@ -87,11 +87,13 @@ def _decode(name: str, record) -> torch.Tensor:
     _require(isinstance(record, dict) and set(record) == {"dtype", "shape", "data"}, f"tensor {name}: malformed record")
     _require(record["dtype"] in DTYPES, f"tensor {name}: unknown dtype {record['dtype']!r}")
     shape = record["shape"]
-    _require(isinstance(shape, list) and len(shape) <= 4 and all(isinstance(d, int) and d >= 0 for d in shape), f"tensor {name}: bad shape {shape!r}")
+    valid_shape = isinstance(shape, list) and len(shape) <= 4 and all(isinstance(d, int) and d >= 0 for d in shape)
+    _require(valid_shape, f"tensor {name}: bad shape {shape!r}")
     dtype = DTYPES[record["dtype"]]
     data = record["data"]
     expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-    _require(isinstance(data, bytes) and len(data) == expected, f"tensor {name}: {len(data) if isinstance(data, bytes) else '?'} bytes, shape {shape} needs {expected}")
+    _require(isinstance(data, bytes), f"tensor {name}: data must be bytes")
+    _require(len(data) == expected, f"tensor {name}: {len(data)} bytes, shape {shape} needs {expected}")
     storage = np.frombuffer(data, dtype=np.int16 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype)
     tensor = torch.from_numpy(storage.copy()).reshape(shape)
     tensor = tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
@@ -149,7 +151,9 @@ def _check_factors(index: int, name: str, factors: SvdFactors, target: nn.Module
     in_features, out_features = getattr(target, "in_features", None), getattr(target, "out_features", None)
     U, S, Vh = factors.U, factors.S, factors.Vh
     _require(U.dim() == 2 and S.dim() == 1 and Vh.dim() == 2, f"layer {index}: {name} factors must be 2-D, 1-D, 2-D")
-    _require(U.shape == (out_features, S.shape[0]) and Vh.shape == (S.shape[0], in_features), f"layer {index}: {name} factor shapes {tuple(U.shape)}, {tuple(S.shape)}, {tuple(Vh.shape)} do not fit [{out_features}, {in_features}]")
+    fits = U.shape == (out_features, S.shape[0]) and Vh.shape == (S.shape[0], in_features)
+    shapes = f"{tuple(U.shape)}, {tuple(S.shape)}, {tuple(Vh.shape)}"
+    _require(fits, f"layer {index}: {name} factor shapes {shapes} do not fit [{out_features}, {in_features}]")
 
 
 def _dense_state(layer: nn.Module) -> dict[str, torch.Tensor]:

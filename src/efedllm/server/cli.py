@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     serve.add_argument("--wire", nargs="*", default=list(WIRE_FORMATS), choices=list(WIRE_FORMATS),
                        help="wire formats this server accepts")
     serve.add_argument("--fault", default=None, help="inject a fault (verifier tests): noise:SIGMA, zeros, ...")
+    serve.add_argument("--trusted-verifiers", nargs="*", default=[], metavar="KEY",
+                       help="verifier keys (hex, as `efedllm verify` prints) whose verdicts this server obeys")
+    serve.add_argument("--verifier-quorum", default="majority", help="any, majority, all or a number")
     serve.add_argument("--no-rebalance", action="store_true")
     serve.add_argument("--announce-interval", type=float, default=5.0)
     serve.add_argument("--rebalance-interval", type=float, default=10.0)
@@ -78,6 +81,8 @@ def run_serve(args) -> int:
         announce_interval=args.announce_interval,
         rebalance_interval=args.rebalance_interval,
         compression=compression,
+        trusted_verifier_keys=tuple(args.trusted_verifiers),
+        verifier_quorum=args.verifier_quorum,
     )
     Server(config).run()
     return 0

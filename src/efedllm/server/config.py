@@ -15,7 +15,8 @@ class ServerConfig:
     ``blocks`` fixes the span; otherwise ``num_blocks`` blocks are chosen where the swarm is
     thinnest (and re-chosen every ``rebalance_interval`` seconds when ``rebalance`` is on).
     ``wire_formats`` are the formats it accepts and sends; ``fault`` injects a fault mode
-    (tests and benchmarks of the verifier only).
+    (tests and benchmarks of the verifier only). Servers deactivated by ``verifier_quorum`` of
+    the ``trusted_verifier_keys`` count as absent when choosing blocks (no keys: none are).
     """
 
     model: str = "smollm2-135m"
@@ -35,8 +36,17 @@ class ServerConfig:
     fault: str | None = None
     compression: dict | None = None
     torch_threads: int = 1
+    trusted_verifier_keys: tuple[str, ...] = ()
+    verifier_quorum: str = "majority"
 
     def __post_init__(self) -> None:
+        from efedllm.verifier.quorum import QuorumRule
+
+        object.__setattr__(self, "trusted_verifier_keys", tuple(self.trusted_verifier_keys))
+        if not all(isinstance(key, str) and key for key in self.trusted_verifier_keys):
+            raise ValueError("trusted_verifier_keys must be non-empty hex strings")
+        if self.trusted_verifier_keys:
+            QuorumRule.parse(self.verifier_quorum).required_votes(len(self.trusted_verifier_keys))
         if (self.blocks is None) == (self.num_blocks is None):
             raise ValueError("give exactly one of blocks (e.g. 0:10) or num_blocks")
         if self.num_blocks is not None and self.num_blocks < 1:

@@ -66,6 +66,9 @@ class SpanServicer(ServicerBase):
             if step.span != session.blocks:
                 raise RecordError(f"step for blocks {step.span} sent to a session of blocks {session.blocks}")
             hidden = wire.decode_hidden(request.tensors, step.wire_format, self.sessions.model.dtype)
+            delay = self.fault.delay_seconds() if self.fault is not None else 0.0
+            if delay > 0:
+                await asyncio.sleep(delay)
             outputs = await self.compute(self._run_step, step, hidden)
         except (RecordError, SpanInputError) as error:
             return wire.error_response(str(error))

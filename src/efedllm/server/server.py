@@ -183,12 +183,18 @@ class Server:
         from efedllm.discovery import fetch_servers
         total = self._num_model_blocks()
         servers = fetch_servers(self.dht, self.config.model, total)
-        banned = self.deactivated_peers() | set(excluded)
+        banned = self.deactivated_peers(servers.keys()) | set(excluded)
         return [info for peer, info in servers.items() if peer not in banned], total
 
-    def deactivated_peers(self) -> set[str]:
-        """Peers that trusted verifiers deactivated; their blocks count as uncovered."""
-        return set()
+    def deactivated_peers(self, peer_ids) -> set[str]:
+        """Those of ``peer_ids`` a quorum of trusted verifiers deactivated; their blocks count as uncovered."""
+        from efedllm.verifier.quorum import QuorumRule
+        from efedllm.verifier.verdicts import deactivated_peers_in_dht
+
+        if not self.config.trusted_verifier_keys:
+            return set()
+        return deactivated_peers_in_dht(self.dht, self.config.model, peer_ids, self.config.trusted_verifier_keys,
+                                        QuorumRule.parse(self.config.verifier_quorum))
 
     async def _choose_span(self) -> Span:
         from efedllm.server.block_selection import block_coverage, choose_window

@@ -1,38 +1,48 @@
 """Does a probe pass? Comparing a server's hidden states with the verifier's own reference.
 
-Both metrics are computed **per token** (each row of the hidden dimension) and the worst token
-decides. Whole-tensor metrics are useless on Llama-style models: the first position of every
-sequence is an attention sink whose hidden state is ~100x larger than the others (SmolLM2-135M
-after block 19: norm ~20,000 against a median of ~218), so a whole-tensor cosine or relative
-error only sees that one token and misses a server that skips a block (measured: whole-tensor
-relative L2 of a skipped block is 0.02, below an honest bfloat16 server's per-token worst).
+Metrics are computed **per token** (one row of the hidden dimension): whole-tensor metrics are
+useless on Llama-style models, whose first position is an attention sink with a hidden state up
+to ~100x larger than the others (SmolLM2-135M after block 19: norm ~20,000 against a median of
+~218), so a whole-tensor cosine or relative error sees only that token.
 
-A probe passes when, for every token ``t``, ``cos(candidate_t, reference_t) >= min_cosine`` and
-``||candidate_t - reference_t|| / ||reference_t|| <= max_relative_l2``.
+A token is *off* when its cosine similarity to the reference is below ``min_cosine`` or its
+relative L2 error ``||candidate_t - reference_t|| / ||reference_t||`` exceeds
+``max_relative_l2``. A probe passes when at most ``max_off_fraction`` of its tokens are off and
+no token's relative L2 error exceeds ``hard_max_relative_l2``. The off-token allowance exists
+because honest low-precision rounding hits rare tokens hard (one token in ~5,000 above 0.1).
 
-Default tolerances (:data:`DEFAULT_TOLERANCES`), measured on SmolLM2-135M-Instruct, blocks
-10..19, 16 WikiText-2 test paragraphs of 128 tokens, reference in float32 (see
-``tests/unit/verifier/test_real_model_tolerances.py``, which re-measures them):
+Measured on SmolLM2-135M-Instruct (Q4_1 GGUF dequantised), reference in float32, 88 WikiText-2
+test paragraphs of 128 tokens (40 + 48, disjoint), server spans 0..9, 10..19, 20..29; "per-token
+relative L2" quantiles pool all tokens of a run:
 
-==========================  ====================  =====================
-run                         worst 1 - cosine      worst relative L2
-==========================  ====================  =====================
-honest bfloat16 server      1.9e-4                0.020
-honest float16 server       4.1e-6                0.0027
-fault ``noise:0.01``        >= 5.1e-3             >= 0.10
-fault ``skip-blocks``       >= 0.11               >= 0.48
-fault ``wrong-model``       >= 0.6                >= 1.0
-==========================  ====================  =====================
+=========================  =========================  =================  ================
+run                        per-token rel. L2 median   98th percentile    worst token
+=========================  =========================  =================  ================
+honest bfloat16 server     0.0080 - 0.0087            0.013 - 0.020      0.20 (0..9)
+honest float16 server      -                          0.0013 - 0.0065    0.0115
+``noise:0.01``, 10..19     0.09                       0.11               0.14
+``noise:0.01``, 0..9/20..  0.0106 / 0.0110            0.014 / 0.019      0.025
+``skip-blocks:1``          -                          >= 0.30            >= 0.33
+``wrong-model``            -                          >= 2.9             >= 3.0
+=========================  =========================  =================  ================
 
-``min_cosine = 0.998`` sits 10x above the honest bfloat16 worst and 2.5x below the weakest
-fault; ``max_relative_l2 = 0.05`` is 2.5x the honest bfloat16 worst and half of ``noise:0.01``.
-Each criterion alone separates every measured honest run from every measured fault.
+Honest bfloat16: worst ``1 - cosine`` 0.020 (the rare off token), 98th percentile 1.4e-4; at
+most 2.3% of a probe's tokens off. Defaults: ``min_cosine = 0.999``, ``max_relative_l2 = 0.05``
+(2.5x the honest bfloat16 98th percentile), ``max_off_fraction = 0.05`` (2x the honest worst),
+``hard_max_relative_l2 = 0.5`` (2.5x the honest worst token). With them every honest bfloat16
+and float16 probe passed (264/264 and 120/120); ``noise:0.01`` on blocks 10..19, ``skip-blocks``,
+``skip-blocks:1``, ``wrong-model``, ``random`` and ``zeros`` failed every probe; ``intermittent:0.3``
+failed exactly its corrupted steps.
 
-Limit, measured and stated plainly: noise whose scale is set **per token** at 1% of that token's
-RMS gives a worst relative L2 of only 0.011 and 1 - cosine of 6e-5, *below* what an honest
-bfloat16 server produces (0.020, 1.9e-4). No output-comparison tolerance can catch it without
-deactivating honest bfloat16 servers; per-token noise becomes detectable from about 3-5%.
-``noise:SIGMA`` in :mod:`~efedllm.verifier.faults` is relative to the RMS of the whole output.
+Limit, stated plainly: ``noise:SIGMA`` scales its noise by the RMS of the whole output
+(:mod:`~efedllm.verifier.faults`). Where the sink dominates that RMS (the output of blocks
+10..19) ordinary tokens get ~9x SIGMA and 1% noise is caught on every probe. Where it does not
+(outputs of blocks 0..9 and 20..29), 1% noise is ~1.1% per token, *inside* honest bfloat16
+rounding (median 0.85%, 98th percentile 2%), and no reference tolerance can catch it without
+deactivating honest bfloat16 servers (an element-wise relative statistic did not separate them
+either). What does catch it on every span is :func:`compare_replay`: an honest server is a
+deterministic function, so the same probe sent twice must come back (nearly) bit-identical,
+while fresh noise differs by ~1.4 x SIGMA per token.
 """
 
 from __future__ import annotations
@@ -55,10 +65,10 @@ class Tolerances:
     are off and no token's relative L2 error exceeds ``hard_max_relative_l2``.
     """
 
-    min_cosine: float = 0.9995
-    max_relative_l2: float = 0.03
-    max_off_fraction: float = 0.02
-    hard_max_relative_l2: float = 0.3
+    min_cosine: float = 0.999
+    max_relative_l2: float = 0.05
+    max_off_fraction: float = 0.05
+    hard_max_relative_l2: float = 0.5
 
     def __post_init__(self) -> None:
         _check_range("min_cosine", self.min_cosine, -1.0, 1.0)
@@ -178,3 +188,21 @@ def calibrate_tolerances(
         max_off_fraction=max_off_fraction,
         hard_max_relative_l2=margin * relative.max().item(),
     )
+
+
+def compare_replay(first: torch.Tensor, second: torch.Tensor, max_relative_l2: float = 1e-3) -> ProbeComparison:
+    """Judge two answers of one server to the same probe: an honest server answers (nearly) identically.
+
+    Catches randomised corruption (``noise``, ``random``, ``intermittent``) however small, at the
+    cost of a second probe. Requires the server to be deterministic for identical requests, which
+    holds for the same input shapes on the same machine; the default allows 0.1% per token for
+    kernels that are not bitwise reproducible. Deterministic faults (``skip-blocks``,
+    ``wrong-model``, ``zeros``) replay identically and are caught by :func:`compare_outputs`.
+    """
+    for name, answer in (("first", first), ("second", second)):
+        if not isinstance(answer, torch.Tensor) or answer.ndim < 1 or answer.numel() == 0:
+            return _failed(f"{name} answer is not a non-empty tensor")
+        if not answer.is_floating_point() or not torch.isfinite(answer).all():
+            return _failed(f"{name} answer is not a finite floating-point tensor")
+    exact = Tolerances(-1.0, max_relative_l2, max_off_fraction=0.0, hard_max_relative_l2=max_relative_l2)
+    return compare_outputs(first, second, exact)

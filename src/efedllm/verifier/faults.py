@@ -14,8 +14,9 @@ Modes (``parse_fault`` reads them):
 - ``none``: an honest server.
 - ``noise:SIGMA``: adds Gaussian noise with standard deviation ``SIGMA * rms(outputs)``, where
   ``rms`` is taken over the **whole** output tensor of the step, so the noise's L2 norm is SIGMA
-  times the output's. On a prefill the attention-sink token dominates that RMS (see
-  :mod:`~efedllm.verifier.comparison`), so ordinary tokens get ~10x SIGMA relative error.
+  times the output's. Where the attention-sink token dominates that RMS (SmolLM2's blocks
+  10..19), ordinary tokens get ~9x SIGMA relative error; elsewhere about SIGMA. See
+  :mod:`~efedllm.verifier.comparison` for what the verifier can detect.
 - ``zeros``: answers zeros.
 - ``random``: answers Gaussian noise with the output's RMS (no signal at all).
 - ``skip-blocks`` / ``skip-blocks:N``: skips the first of every two blocks (or N blocks picked by

@@ -239,6 +239,14 @@ class Ledger:
                 (epoch, peer, peer_work, float(scores.get(peer, 0.0)), int(peer in active), shares.get(peer, 0.0)),
             )
 
+    def pending_epochs(self, before: int) -> list[int]:
+        """Epochs below ``before`` that hold work and are not credited yet, oldest first."""
+        rows = self.connection.execute(
+            "SELECT DISTINCT epoch FROM work WHERE epoch < ? AND epoch NOT IN (SELECT epoch FROM epochs) ORDER BY epoch",
+            (before,),
+        )
+        return [epoch for (epoch,) in rows]
+
     def is_closed(self, epoch: int) -> bool:
         return self.connection.execute("SELECT 1 FROM epochs WHERE epoch = ?", (epoch,)).fetchone() is not None
 

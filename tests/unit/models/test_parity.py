@@ -47,18 +47,26 @@ def pipelines(client_parts, full_span):
     return built
 
 
-@pytest.mark.parametrize("split", list(SPLITS))
-def test_greedy_tokens_match_transformers_generate(pipelines, reference_model, split):
-    pipeline = pipelines[split]
-    config = GenerationConfig(max_new_tokens=32, greedy=True, stop_on_eos=False)
+@pytest.fixture(scope="module")
+def expected_tokens(pipelines, reference_model):
+    """transformers' own greedy continuation of each prompt (computed once)."""
+    expected = {}
     for prompt, chat in PROMPTS:
-        input_ids = pipeline.encode_prompt(prompt, chat=chat)
+        input_ids = pipelines["1 span"].encode_prompt(prompt, chat=chat)
         with torch.no_grad(), eos_disabled(reference_model):
-            expected = reference_model.generate(
+            tokens = reference_model.generate(
                 input_ids, attention_mask=torch.ones_like(input_ids), generation_config=NO_EOS_GREEDY
             )[0, input_ids.shape[1]:].tolist()
-        assert len(expected) == 32
-        assert pipeline.generate(input_ids, config).token_ids == expected, (split, prompt)
+        assert len(tokens) == 32
+        expected[prompt] = (input_ids, tokens)
+    return expected
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_greedy_tokens_match_transformers_generate(pipelines, expected_tokens, split):
+    config = GenerationConfig(max_new_tokens=32, greedy=True, stop_on_eos=False)
+    for prompt, (input_ids, expected) in expected_tokens.items():
+        assert pipelines[split].generate(input_ids, config).token_ids == expected, (split, prompt)
 
 
 def test_logits_match_the_unsplit_model(pipelines, reference_model, client_parts):

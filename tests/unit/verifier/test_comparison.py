@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from efedllm.verifier.comparison import DEFAULT_TOLERANCES, Tolerances, calibrate_tolerances, compare_outputs
+from efedllm.verifier.comparison import (
+    DEFAULT_TOLERANCES,
+    Tolerances,
+    calibrate_tolerances,
+    compare_outputs,
+    compare_replay,
+)
+from efedllm.verifier.faults import NoiseFault
 
 
 def hidden_states(tokens=100, hidden=64, sink_scale=100.0, seed=0):
@@ -39,14 +46,28 @@ def test_noise_scaled_by_whole_tensor_rms_fails_but_per_token_one_percent_passes
 
 def test_a_few_off_tokens_are_allowed_but_not_more():
     states = hidden_states()
-    two_off = [0.0] * 100
-    two_off[5] = two_off[50] = 0.2
-    result = compare_outputs(states, with_token_errors(states, two_off))
-    assert result.passed and result.off_fraction == pytest.approx(0.02)
-    three_off = list(two_off)
-    three_off[70] = 0.2
-    result = compare_outputs(states, with_token_errors(states, three_off))
-    assert not result.passed and "3 of 100 tokens" in result.reason
+    five_off = [0.0] * 100
+    for token in (3, 20, 50, 70, 99):
+        five_off[token] = 0.2
+    result = compare_outputs(states, with_token_errors(states, five_off))
+    assert result.passed and result.off_fraction == pytest.approx(0.05)
+    six_off = list(five_off)
+    six_off[80] = 0.2
+    result = compare_outputs(states, with_token_errors(states, six_off))
+    assert not result.passed and "6 of 100 tokens" in result.reason
+
+
+def test_replay_catches_small_random_noise_that_the_reference_misses():
+    states = hidden_states(sink_scale=1.0)
+    noise = NoiseFault(0.01, seed=3)
+    first, second = noise.corrupt(states, states), noise.corrupt(states, states)
+    assert compare_outputs(states, first).passed  # 1% per token: inside honest bfloat16 rounding
+    replay = compare_replay(first, second)
+    assert not replay.passed and replay.max_relative_l2 > 0.01
+    assert compare_replay(states, states.clone()).passed
+    nan = states.clone()
+    nan[0, 0, 0] = float("nan")
+    assert not compare_replay(nan, states).passed and not compare_replay(states, nan).passed
 
 
 def test_one_grossly_wrong_token_fails():

@@ -60,6 +60,8 @@ def test_work_for_a_closed_epoch_is_refused_and_pending_work_is_shown(ledger):
     ledger.record_work("a", 10, 5, epoch=2)
     (row,) = ledger.balances()
     assert (row.balance, row.pending_work, row.credited_work) == (0.0, 50, 0)
+    ledger.record_work("a", 10, 5, epoch=4)
+    assert ledger.pending_epochs(before=4) == [2] and ledger.pending_epochs(before=5) == [2, 4]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,119 @@
+"""The verifier on a real swarm on 127.0.0.1: detection rate and rounds to detection per fault mode over
+repetitions, false deactivation rate of honest servers (one of them bfloat16), probe traffic against
+client traffic, and client tokens/s with verification running vs not. Prints one JSON line.
+
+Every repetition forgets the verifier's history and draws other probes (another seed); the
+servers keep running. ``--repetitions`` and ``--max-rounds`` bound the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from efedllm.client.remote import DistributedModelForCausalLM, RemoteClientConfig  # noqa: E402
+from efedllm.client.sampling import GenerationConfig  # noqa: E402
+from efedllm.server.swarm import LocalSwarm, peer_id_of  # noqa: E402
+from efedllm.verifier.config import VerifierConfig  # noqa: E402
+from efedllm.verifier.node import Verifier, VerifierNodeConfig  # noqa: E402
+
+MODEL = "smollm2-135m"
+HONEST = {"honest-0": ("0:10", []), "honest-1": ("10:20", []), "honest-2": ("20:30", []),
+          "honest-bf16": ("10:20", ["--dtype", "bfloat16"])}
+FAULTS = {"noise:0.01": "0:10", "zeros": "10:20", "skip-blocks": "20:30", "wrong-model": "0:10",
+          "intermittent:0.1": "20:30"}
+GREEDY = GenerationConfig(max_new_tokens=32, greedy=True, stop_on_eos=False)
+PROMPT = "Write a short story about a lighthouse keeper."
+
+
+def detection_runs(verifier: Verifier, peers: dict[str, str], repetitions: int, max_rounds: int) -> dict:
+    honest = {peers[name] for name in HONEST}
+    rounds_to_detect = {fault: [] for fault in FAULTS}
+    false_deactivations = honest_judgements = 0
+    probe_bytes = []
+    for repetition in range(repetitions):
+        verifier.forget_history(seed=repetition)
+        pending = {peers[fault]: fault for fault in FAULTS}
+        for round_index in range(1, max_rounds + 1):
+            report = verifier.run_round()
+            probe_bytes.append(report.probe_bytes)
+            false_deactivations += len(report.inactive & honest)
+            honest_judgements += len(honest)
+            for peer in report.inactive & pending.keys():
+                rounds_to_detect[pending.pop(peer)].append(round_index)
+            if not pending:
+                break
+    return {
+        "detection": {
+            fault: {"rate": len(rounds) / repetitions,
+                    "rounds_median": statistics.median(rounds) if rounds else None,
+                    "rounds_max": max(rounds) if rounds else None}
+            for fault, rounds in rounds_to_detect.items()
+        },
+        "false_deactivation_rate": false_deactivations / max(1, honest_judgements),
+        "honest_judgements": honest_judgements,
+        "probe_bytes_per_round": statistics.mean(probe_bytes),
+    }
+
+
+def client_speed(swarm: LocalSwarm, verifier: Verifier, verifying: bool) -> dict:
+    """One generation, with verifier rounds running beside it (in this thread: the ledger is per-thread)."""
+    client = DistributedModelForCausalLM.from_pretrained(MODEL, swarm.initial_peers,
+                                                        RemoteClientConfig(trusted_verifier_keys=(verifier.key,)))
+    try:
+        input_ids = client.encode_prompt(PROMPT)
+        client.generate(input_ids, GREEDY)  # warm-up
+        client.bytes_sent = 0
+        results = []
+        generation = threading.Thread(target=lambda: results.append(client.generate(input_ids, GREEDY)))
+        generation.start()
+        while verifying and generation.is_alive():
+            verifier.run_round()
+        generation.join()
+        return {"tokens_per_s": round(results[0].tokens_per_s, 2), "client_bytes_sent": client.bytes_sent}
+    finally:
+        client.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--max-rounds", type=int, default=25)
+    parser.add_argument("--decode-steps", type=int, default=8)
+    args = parser.parse_args()
+    servers = {**HONEST, **{fault: (blocks, ["--fault", fault]) for fault, blocks in FAULTS.items()}}
+    with LocalSwarm(MODEL) as swarm, tempfile.TemporaryDirectory() as scratch:
+        swarm.start_bootstrap()
+        started = {name: swarm.start_server(blocks, extra=["--no-rebalance", *extra]) for name, (blocks, extra) in servers.items()}
+        swarm.wait_until_online(len(started), timeout=300)
+        peers = {name: peer_id_of(server) for name, server in started.items()}
+        decisions = VerifierConfig(ledger_path=Path(scratch) / "ledger.sqlite")
+        verifier = Verifier(VerifierNodeConfig(MODEL, tuple(swarm.initial_peers), decode_steps=args.decode_steps,
+                                               jitter_s=0.05, decisions=decisions))
+        try:
+            verifier.start()
+            result = detection_runs(verifier, peers, args.repetitions, args.max_rounds)
+            off = client_speed(swarm, verifier, verifying=False)
+            on = client_speed(swarm, verifier, verifying=True)
+        finally:
+            verifier.shutdown()
+    result.update({
+        "repetitions": args.repetitions, "max_rounds": args.max_rounds, "decode_steps": args.decode_steps,
+        "client_tokens_per_s_verification_off": off["tokens_per_s"],
+        "client_tokens_per_s_verification_on": on["tokens_per_s"],
+        "client_bytes_per_generation": off["client_bytes_sent"], "client_tokens_per_generation": GREEDY.max_new_tokens,
+        "probe_bytes_per_round_over_client_bytes_per_generation": round(
+            result["probe_bytes_per_round"] / max(1, off["client_bytes_sent"]), 3),
+    })
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""``efedllm verify``: run a verifier node that probes a swarm's servers and publishes signed verdicts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+
+from efedllm.verifier.config import default_ledger_path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("verify", help="probe a swarm's servers, publish trust verdicts, credit rewards")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of swarm peers")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=None, help="stop after N rounds (default: until Ctrl-C)")
+    parser.add_argument("--interval", type=float, default=30.0, help="seconds between the starts of two rounds")
+    parser.add_argument("--jitter", type=float, default=1.0, help="at most this many seconds between two probes")
+    parser.add_argument("--decode-steps", type=int, default=4, help="one-token steps after each probe's prefill")
+    parser.add_argument("--ledger", default=str(default_ledger_path()), help="reward ledger (default: %(default)s)")
+    parser.add_argument("--policy", default="robust", choices=["robust", "paper"])
+    parser.add_argument("--theta", type=float, default=0.8, help="activation threshold θ (paper eq. 4)")
+    parser.add_argument("--window", type=int, default=50, help="probes per server behind acc_i")
+    parser.add_argument("--confidence", type=float, default=0.99, help="robust policy's one-sided confidence")
+    parser.add_argument("--epoch-seconds", type=float, default=3600.0)
+    parser.add_argument("--reward", type=float, default=100.0, help="reward split per epoch")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.set_defaults(func=run_verify)
+
+
+def build_config(args: argparse.Namespace):
+    from efedllm.verifier.config import VerifierConfig
+    from efedllm.verifier.node import VerifierNodeConfig
+
+    decisions = VerifierConfig(theta=args.theta, policy=args.policy, window=args.window, confidence=args.confidence,
+                               probe_interval_s=args.interval, epoch_seconds=args.epoch_seconds,
+                               reward_per_epoch=args.reward, ledger_path=args.ledger)
+    return VerifierNodeConfig(model=args.model, initial_peers=tuple(args.initial_peers), host=args.host, port=args.port,
+                              rounds=args.rounds, decode_steps=args.decode_steps, jitter_s=args.jitter,
+                              seed=args.seed, decisions=decisions)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from efedllm.verifier.node import Verifier
+
+    verifier = Verifier(build_config(args))
+    try:
+        verifier.start()
+        signal.signal(signal.SIGTERM, lambda *_: verifier.stop())
+        verifier.run(on_round=lambda report: print(json.dumps(report.to_json()), flush=True))
+    finally:
+        verifier.shutdown()
+    return 0
