@@ -49,24 +49,22 @@ def register(subparsers) -> None:
                         help="verifier keys (hex, as `efedllm verify` prints) whose verdicts route around servers")
     parser.add_argument("--verifier-quorum", default="majority", help="any, majority, all or a number")
     add_generation_arguments(parser)
+    from efedllm.compression.cli import add_compression_arguments
+
     add_compression_arguments(parser)
     parser.set_defaults(func=run_generate)
 
 
-def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--svd-ratio", type=float, default=None, help="SVD-compress blocks to this parameter ratio (eq. 10)")
-    group.add_argument("--svd-energy", type=float, default=None, help="SVD-compress keeping this energy (eq. 12)")
-    parser.add_argument("--svd-method", default="whitened", choices=["plain", "whitened"])
-
-
 def span_transform(args, model: str):
     """A function that compresses a loaded span in place, or None when compression is off."""
-    if args.svd_ratio is None and args.svd_energy is None:
-        return None
-    from efedllm.compression.apply import span_compressor
+    from efedllm.compression.cli import compression_config_from_args
 
-    return span_compressor(model, ratio=args.svd_ratio, energy=args.svd_energy, method=args.svd_method)
+    config = compression_config_from_args(args)
+    if config is None:
+        return None
+    from efedllm.compression.serving import span_compressor
+
+    return span_compressor(model, config)
 
 
 def _print_stream(text: str) -> None:

@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     serve.add_argument("--no-rebalance", action="store_true")
     serve.add_argument("--announce-interval", type=float, default=5.0)
     serve.add_argument("--rebalance-interval", type=float, default=10.0)
-    from efedllm.client.cli import add_compression_arguments
+    from efedllm.compression.cli import add_compression_arguments
 
     add_compression_arguments(serve)
     serve.set_defaults(func=run_serve)
@@ -63,9 +63,9 @@ def run_serve(args) -> int:
     from efedllm.server.config import ServerConfig
     from efedllm.server.server import Server
 
-    compression = None
-    if args.svd_ratio is not None or args.svd_energy is not None:
-        compression = {"ratio": args.svd_ratio, "energy": args.svd_energy, "method": args.svd_method}
+    from efedllm.compression.cli import compression_config_from_args
+
+    compression = compression_config_from_args(args)
     config = ServerConfig(
         model=args.model,
         blocks=Span.parse(args.blocks) if args.blocks else None,

@@ -34,7 +34,7 @@ class ServerConfig:
     rebalance_interval: float = 10.0
     session_idle_timeout: float = 300.0
     fault: str | None = None
-    compression: dict | None = None
+    compression: object | None = None  # a compression.apply.CompressionConfig
     torch_threads: int = 1
     trusted_verifier_keys: tuple[str, ...] = ()
     verifier_quorum: str = "majority"

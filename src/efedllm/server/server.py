@@ -103,9 +103,9 @@ class Server:
 
         model = load_span(self.config.model, span.start, span.end, self.config.dtype)
         if self.config.compression:
-            from efedllm.compression.apply import span_compressor
+            from efedllm.compression.serving import span_compressor
 
-            span_compressor(self.config.model, **self.config.compression)(model)
+            span_compressor(self.config.model, self.config.compression)(model)
         return model
 
     def _build_fault(self, model):
