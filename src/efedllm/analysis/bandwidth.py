@@ -48,13 +48,13 @@ BERT_FIRST_LINEAR = LayerShape(out_features=3072, in_features=768, tokens=30, ba
 
 
 def svd_rank_for_ratio(m: int, n: int, ratio: float) -> int:
-    """Eq. 15: ``k̂ = ⌊m·n·c / (m + n + 1)⌋``, the rank whose factors fill a fraction c of W."""
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"compression ratio must be in (0, 1], got {ratio!r}")
-    rank = int(m * n * ratio // (m + n + 1))
-    if rank < 1:
+    """Eq. 15 (:func:`efedllm.compression.rank.rank_for_ratio`), refusing a ratio that leaves rank 0
+    (the analysis reports figures for a ratio, so it must not silently round up to rank 1)."""
+    from efedllm.compression.rank import rank_for_ratio
+
+    if 0.0 < ratio <= 1.0 and m * n * ratio < m + n + 1:
         raise ValueError(f"compression ratio {ratio} leaves rank 0 for a {m} × {n} matrix")
-    return min(rank, min(m, n))
+    return rank_for_ratio(m, n, ratio)
 
 
 def dense_bandwidth_bytes(shape: LayerShape) -> int:
