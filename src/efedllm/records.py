@@ -325,3 +325,51 @@ class PeerFailure:
     peer_id: str
     message: str
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WeightsRequest:
+    """Ask a server for the packed weights of ``span`` (inside its own span): ``--weights-from``."""
+
+    span: Span
+    version: int = WIRE_VERSION
+
+    def to_wire(self) -> dict:
+        return {"version": self.version, "span": self.span.to_wire()}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> "WeightsRequest":
+        data = _check_keys("weights request", data, {"version", "span"})
+        _check_version("weights request", data, "version", WIRE_VERSION)
+        return cls(Span.from_wire(data["span"]))
+
+
+@dataclass(frozen=True)
+class WeightsHeader:
+    """First message of a weights stream: payload size, its dense-equivalent size, and how it was compressed.
+
+    ``compression`` is the sender's :meth:`CompressionConfig.signature` (None: dense weights).
+    """
+
+    span: Span
+    dtype: str
+    payload_bytes: int
+    dense_bytes: int
+    compression: dict | None
+    version: int = WIRE_VERSION
+
+    def __post_init__(self) -> None:
+        _check_str("dtype", self.dtype, 16)
+        _check_int("payload_bytes", self.payload_bytes, 1)
+        _check_int("dense_bytes", self.dense_bytes, 1)
+        _require(self.compression is None or isinstance(self.compression, dict), "compression must be a map or null")
+
+    def to_wire(self) -> dict:
+        return {"version": self.version, "span": self.span.to_wire(), "dtype": self.dtype, "payload_bytes": self.payload_bytes,
+                "dense_bytes": self.dense_bytes, "compression": self.compression}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> "WeightsHeader":
+        data = _check_keys("weights header", data, {"version", "span", "dtype", "payload_bytes", "dense_bytes", "compression"})
+        _check_version("weights header", data, "version", WIRE_VERSION)
+        return cls(Span.from_wire(data["span"]), data["dtype"], data["payload_bytes"], data["dense_bytes"], data["compression"])

@@ -102,6 +102,14 @@ class CompressionConfig:
     def needs_calibration(self) -> bool:
         return self.method is CompressionMethod.WHITENED
 
+    def signature(self) -> dict:
+        """What determines the compressed weights, for comparing two peers' settings (the text's path excluded)."""
+        return {
+            "ratio": self.ratio, "energy": self.energy, "method": self.method.value, "allocation": self.allocation.value,
+            "algorithm": self.algorithm.value, "allow_dense": self.allow_dense, "calibration_samples": self.calibration_samples,
+            "calibration_length": self.calibration_length, "calibration_offset": self.calibration_offset, "seed": self.seed,
+        }
+
 
 @dataclass(frozen=True)
 class MatrixReport:

@@ -125,8 +125,12 @@ def _factored_modules(state: dict[str, torch.Tensor]) -> set[str]:
     return {name[: -len(".U")] for name in state if name.endswith(".U")}
 
 
-def load_packed_layers(layers: nn.ModuleList, packed: PackedSpan) -> None:
-    """Load ``packed`` into ``layers`` (same architecture), turning factored projections into LowRankLinear."""
+def load_packed_layers(layers: nn.ModuleList, packed: PackedSpan, assign: bool = False) -> None:
+    """Load ``packed`` into ``layers`` (same architecture), turning factored projections into LowRankLinear.
+
+    ``assign=True`` takes the received tensors as the parameters (for layers built on the meta
+    device: no dense buffer is ever allocated for a projection that arrives as factors).
+    """
     _require(len(layers) == len(packed.layers), f"payload has {len(packed.layers)} layers, the span has {len(layers)}")
     for index, (layer, state) in enumerate(zip(layers, packed.layers)):
         for module_name in _factored_modules(state):
@@ -142,7 +146,7 @@ def load_packed_layers(layers: nn.ModuleList, packed: PackedSpan) -> None:
             parent, _, child = module_name.rpartition(".")
             setattr(layer.get_submodule(parent) if parent else layer, child, LowRankLinear(factors, bias))
         try:
-            layer.load_state_dict(state, strict=True)
+            layer.load_state_dict(state, strict=True, assign=assign)
         except RuntimeError as error:
             raise TransferError(f"layer {index}: state does not match the architecture: {error}") from None
 
@@ -167,8 +171,12 @@ def _dense_state(layer: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def dense_payload_bytes(layers: nn.ModuleList, start: int = 0) -> int:
+    """Bytes of the same span packed with every projection dense (what a dense transfer sends)."""
+    dense_layers = [{name: _encode(tensor) for name, tensor in _dense_state(layer).items()} for layer in layers]
+    return len(msgpack.packb({"version": TRANSFER_VERSION, "start": start, "layers": dense_layers}, use_bin_type=True))
+
+
 def transfer_size(layers: nn.ModuleList, start: int = 0) -> TransferSize:
     """Bytes of the packed span against the same span packed with every projection dense."""
-    dense_layers = [{name: _encode(tensor) for name, tensor in _dense_state(layer).items()} for layer in layers]
-    dense = msgpack.packb({"version": TRANSFER_VERSION, "start": start, "layers": dense_layers}, use_bin_type=True)
-    return TransferSize(len(pack_layers(layers, start)), len(dense))
+    return TransferSize(len(pack_layers(layers, start)), dense_payload_bytes(layers, start))

@@ -127,6 +127,25 @@ def load_span(model: str, start: int, end: int, dtype: str | torch.dtype = torch
     return span_model
 
 
+def empty_span(model: str, start: int, end: int) -> SpanModel:
+    """Blocks ``start..end-1`` of ``model``'s architecture with parameters on the meta device (no memory).
+
+    For weights that arrive from elsewhere (a peer's ``--weights-from`` transfer): fill them with
+    ``load_state_dict(..., assign=True)``. Only the model's config is read.
+    """
+    source = resolve_model(model)
+    config, family, _ = open_model(source)
+    _prepare_config(config)
+    span = Span(start, end)
+    if end > config.num_hidden_layers:
+        raise ValueError(f"span {span} exceeds the model's {config.num_hidden_layers} blocks")
+    with torch.device("meta"):
+        layers = nn.ModuleList(family.decoder_layer_class(config, local_index) for local_index in range(span.length))
+    span_model = SpanModel(config, family, span, layers, family.rotary_class(config=config)).eval()
+    span_model.requires_grad_(False)
+    return span_model
+
+
 class ClientParts(nn.Module):
     """What a client owns: tokenizer, token embeddings, final norm and LM head."""
 

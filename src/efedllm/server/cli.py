@@ -27,6 +27,8 @@ def register(subparsers) -> None:
     serve.add_argument("--trusted-verifiers", nargs="*", default=[], metavar="KEY",
                        help="verifier keys (hex, as `efedllm verify` prints) whose verdicts this server obeys")
     serve.add_argument("--verifier-quorum", default="majority", help="any, majority, all or a number")
+    serve.add_argument("--weights-from", metavar="PEER",
+                       help="fetch this span's weights from that server (peer id) instead of the model file")
     serve.add_argument("--no-rebalance", action="store_true")
     serve.add_argument("--announce-interval", type=float, default=5.0)
     serve.add_argument("--rebalance-interval", type=float, default=10.0)
@@ -81,6 +83,7 @@ def run_serve(args) -> int:
         announce_interval=args.announce_interval,
         rebalance_interval=args.rebalance_interval,
         compression=compression,
+        weights_from=args.weights_from,
         trusted_verifier_keys=tuple(args.trusted_verifiers),
         verifier_quorum=args.verifier_quorum,
     )

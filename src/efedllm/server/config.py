@@ -14,7 +14,8 @@ class ServerConfig:
 
     ``blocks`` fixes the span; otherwise ``num_blocks`` blocks are chosen where the swarm is
     thinnest (and re-chosen every ``rebalance_interval`` seconds when ``rebalance`` is on).
-    ``wire_formats`` are the formats it accepts and sends; ``fault`` injects a fault mode
+    ``weights_from`` names a peer (base58 id) to fetch the first span's weights from instead of
+    reading them from the model file (moves read the file). ``wire_formats`` are the formats it accepts and sends; ``fault`` injects a fault mode
     (tests and benchmarks of the verifier only). Servers deactivated by ``verifier_quorum`` of
     the ``trusted_verifier_keys`` count as absent when choosing blocks (no keys: none are).
     """
@@ -35,6 +36,7 @@ class ServerConfig:
     session_idle_timeout: float = 300.0
     fault: str | None = None
     compression: object | None = None  # a compression.apply.CompressionConfig
+    weights_from: str | None = None  # peer id of a server whose span contains ours: fetch our weights from it
     torch_threads: int = 1
     trusted_verifier_keys: tuple[str, ...] = ()
     verifier_quorum: str = "majority"
@@ -60,6 +62,13 @@ class ServerConfig:
             raise ValueError(f"unknown wire format(s) {sorted(unknown)}; choose from {list(WIRE_FORMATS)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype {self.dtype!r} must be float32, bfloat16 or float16")
+        if self.weights_from is not None:
+            from hivemind.p2p import PeerID
+
+            try:
+                PeerID.from_base58(self.weights_from)
+            except Exception:
+                raise ValueError(f"weights_from must be a peer id (base58), got {self.weights_from!r}") from None
         if self.announce_interval <= 0 or self.rebalance_interval <= 0 or self.torch_threads < 1:
             raise ValueError("intervals must be > 0 and torch_threads >= 1")
 

@@ -1,7 +1,8 @@
 """The P2P servicer: ``rpc_*`` handlers that open sessions, run steps and forward along the chain.
 
 Call order for a session: ``rpc_open_session`` (on every hop), ``rpc_step`` (many times),
-``rpc_close_session``. A step with ``next_hops`` is forwarded by this server straight to the
+``rpc_close_session``. ``rpc_span_weights`` streams this server's weights to a joining server
+(:mod:`efedllm.server.weights`). A step with ``next_hops`` is forwarded by this server straight to the
 next hop and the chain's final answer comes back; no hop returns through the client. Every
 request is validated; an error answers that request only and names what was wrong, or which
 downstream peer failed.
@@ -12,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import AsyncIterator  # hivemind recognises streaming handlers by typing's alias only
 
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from efedllm import wire
 from efedllm.models.sessions import SpanInputError, SpanSessions
-from efedllm.records import OpenSessionRequest, RecordError, StepRequest
+from efedllm.records import OpenSessionRequest, RecordError, StepRequest, WeightsRequest
 
 logger = logging.getLogger(__name__)
 FORWARD_TIMEOUT = 60.0
@@ -33,9 +35,11 @@ class DownstreamError(RuntimeError):
 class SpanServicer(ServicerBase):
     """Serves one span's sessions. ``compute`` runs blocking tensor work off the event loop."""
 
-    def __init__(self, sessions: SpanSessions, p2p: P2P, compute, fault=None, wire_formats=wire.WIRE_FORMATS) -> None:
+    def __init__(self, sessions: SpanSessions, p2p: P2P, compute, fault=None, wire_formats=wire.WIRE_FORMATS,
+                 compression: dict | None = None) -> None:
         self.sessions, self.p2p, self.compute, self.fault = sessions, p2p, compute, fault
         self.wire_formats = tuple(wire_formats)
+        self.compression = compression  # CompressionConfig.signature() of the hosted weights, None when dense
         self.last_used: dict[str, float] = {}
         self.steps_served = 0
 
@@ -78,6 +82,21 @@ class SpanServicer(ServicerBase):
         if not step.next_hops:
             return wire.response({"ok": True}, tensors)
         return await self._forward(step, tensors)
+
+    async def rpc_span_weights(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        from efedllm.server.weights import pack_span_weights, weights_messages
+
+        try:
+            blocks = WeightsRequest.from_wire(wire.unpack_metadata(request.metadata)).span
+            header, payload = await self.compute(pack_span_weights, self.sessions.model, blocks, self.compression)
+        except RecordError as error:
+            yield wire.error_response(str(error))
+            return
+        logger.info("sending blocks %s (%d bytes) to %s", blocks, header.payload_bytes, context.remote_id)
+        for message in weights_messages(header, payload):
+            yield message
 
     def _run_step(self, step: StepRequest, hidden):
         outputs = self.sessions.step(step.session_id, hidden, step.position)

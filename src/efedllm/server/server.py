@@ -53,11 +53,11 @@ class Server:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
-        await self.start()
         try:
+            await self.start()
             await self._serve_until_stopped()
         finally:
-            await self.shutdown()
+            await self.shutdown()  # also after a failed start: the DHT child process must not outlive us
 
     def stop(self) -> None:
         if self._stopping is not None:
@@ -88,13 +88,17 @@ class Server:
 
         self.span = span
         self._announce(ServerState.JOINING)
-        model = await self._compute(self._load_span_model, span)
+        if self.config.weights_from and self.sessions is None:
+            model = await self._receive_span_model(span)
+        else:
+            model = await self._compute(self._load_span_model, span)
         self.sessions = SpanSessions(model, self.config.max_sessions, self.config.max_session_length)
         self.throughput = await self._compute(measure_throughput, self.sessions)
         fault = self._build_fault(model)
         if self.servicer is not None:
             await self.servicer.remove_p2p_handlers(self.p2p)
-        self.servicer = SpanServicer(self.sessions, self.p2p, self._compute, fault, self.config.wire_formats)
+        compression = self.config.compression.signature() if self.config.compression else None
+        self.servicer = SpanServicer(self.sessions, self.p2p, self._compute, fault, self.config.wire_formats, compression)
         await self.servicer.add_p2p_handlers(self.p2p)
         self._announce(ServerState.ONLINE)
 
@@ -106,6 +110,22 @@ class Server:
             from efedllm.compression.serving import span_compressor
 
             span_compressor(self.config.model, self.config.compression)(model)
+        return model
+
+    async def _receive_span_model(self, span: Span):
+        from efedllm.server.weights import check_compression, fetch_span_weights, span_from_payload
+
+        wanted = self.config.compression.signature() if self.config.compression else None
+        header, payload = await fetch_span_weights(self.p2p, self.config.weights_from, span)
+        still_to_compress = check_compression(header, wanted)
+        model = await self._compute(span_from_payload, self.config.model, span, payload, self.config.dtype)
+        print(f"efedllm server {self.peer_id} received blocks {span} from {self.config.weights_from}: "
+              f"{header.payload_bytes} bytes on the wire, {header.dense_bytes} dense "
+              f"(ratio {header.payload_bytes / header.dense_bytes:.4f})", flush=True)
+        if still_to_compress:
+            from efedllm.compression.serving import span_compressor
+
+            await self._compute(span_compressor(self.config.model, self.config.compression), model)
         return model
 
     def _build_fault(self, model):
