@@ -14,6 +14,7 @@ import os
 import statistics
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,8 +64,12 @@ def detection_runs(verifier: Verifier, peers: dict[str, str], repetitions: int, 
     }
 
 
-def client_speed(swarm: LocalSwarm, verifier: Verifier, verifying: bool) -> dict:
-    """One generation, with verifier rounds running beside it (in this thread: the ledger is per-thread)."""
+def client_speed(swarm: LocalSwarm, verifier: Verifier, interval_s: float | None, seconds: float) -> dict:
+    """Client tokens/s over ``seconds`` of back-to-back generations, with verifier rounds every ``interval_s``
+    seconds beside them (``None``: no verification; 0: rounds back to back, the worst case).
+
+    Rounds run in this thread (the verifier's ledger connection belongs to it), generation in another.
+    """
     client = DistributedModelForCausalLM.from_pretrained(MODEL, swarm.initial_peers,
                                                         RemoteClientConfig(trusted_verifier_keys=(verifier.key,)))
     try:
@@ -72,21 +77,37 @@ def client_speed(swarm: LocalSwarm, verifier: Verifier, verifying: bool) -> dict
         client.generate(input_ids, GREEDY)  # warm-up
         client.bytes_sent = 0
         results = []
-        generation = threading.Thread(target=lambda: results.append(client.generate(input_ids, GREEDY)))
+
+        def generate_for_a_while() -> None:
+            started = time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                results.append(client.generate(input_ids, GREEDY))
+
+        generation = threading.Thread(target=generate_for_a_while)
         generation.start()
-        while verifying and generation.is_alive():
-            verifier.run_round()
-        generation.join()
-        return {"tokens_per_s": round(results[0].tokens_per_s, 2), "client_bytes_sent": client.bytes_sent}
+        rounds, probe_bytes, next_round = 0, 0, time.monotonic()
+        while generation.is_alive():
+            if interval_s is not None and time.monotonic() >= next_round:
+                probe_bytes += verifier.run_round().probe_bytes
+                rounds += 1
+                next_round += interval_s
+            else:
+                generation.join(timeout=0.1)
+        tokens, busy = sum(result.new_tokens for result in results), sum(result.seconds for result in results)
+        return {"tokens_per_s": round(tokens / busy, 2), "client_bytes": client.bytes_sent, "rounds": rounds,
+                "probe_bytes": probe_bytes, "tokens": tokens}
     finally:
         client.shutdown()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--repetitions", type=int, default=20)
     parser.add_argument("--max-rounds", type=int, default=25)
     parser.add_argument("--decode-steps", type=int, default=8)
+    parser.add_argument("--interval", type=float, default=10.0,
+                        help="seconds between verifier rounds during the speed runs (efedllm verify's default is 30)")
+    parser.add_argument("--speed-seconds", type=float, default=60.0, help="length of each client speed run")
     args = parser.parse_args()
     servers = {**HONEST, **{fault: (blocks, ["--fault", fault]) for fault, blocks in FAULTS.items()}}
     with LocalSwarm(MODEL) as swarm, tempfile.TemporaryDirectory() as scratch:
@@ -100,17 +121,21 @@ def main() -> None:
         try:
             verifier.start()
             result = detection_runs(verifier, peers, args.repetitions, args.max_rounds)
-            off = client_speed(swarm, verifier, verifying=False)
-            on = client_speed(swarm, verifier, verifying=True)
+            off = client_speed(swarm, verifier, None, args.speed_seconds)
+            on = client_speed(swarm, verifier, args.interval, args.speed_seconds)
+            continuous = client_speed(swarm, verifier, 0.0, args.speed_seconds)
         finally:
             verifier.shutdown()
     result.update({
         "repetitions": args.repetitions, "max_rounds": args.max_rounds, "decode_steps": args.decode_steps,
+        "verifier_interval_s": args.interval, "speed_seconds": args.speed_seconds,
         "client_tokens_per_s_verification_off": off["tokens_per_s"],
         "client_tokens_per_s_verification_on": on["tokens_per_s"],
-        "client_bytes_per_generation": off["client_bytes_sent"], "client_tokens_per_generation": GREEDY.max_new_tokens,
-        "probe_bytes_per_round_over_client_bytes_per_generation": round(
-            result["probe_bytes_per_round"] / max(1, off["client_bytes_sent"]), 3),
+        "on_over_off": round(on["tokens_per_s"] / off["tokens_per_s"], 3),
+        "client_tokens_per_s_rounds_back_to_back": continuous["tokens_per_s"],
+        "back_to_back_over_off": round(continuous["tokens_per_s"] / off["tokens_per_s"], 3),
+        "probe_traffic_percent_of_client_traffic": round(100 * on["probe_bytes"] / max(1, on["client_bytes"]), 1),
+        "rounds_during_on_run": on["rounds"], "client_tokens_during_on_run": on["tokens"],
     })
     print(json.dumps(result))
 
