@@ -20,7 +20,7 @@ from efedllm.client.sampling import GenerationConfig  # noqa: E402
 from efedllm.models.sources import resolve_model  # noqa: E402
 from efedllm.records import parse_spans  # noqa: E402
 
-MODEL, TOKENS, REPEATS = "smollm2-135m", 64, 3
+MODEL, TOKENS, REPEATS = "smollm2-135m", 64, 5
 PROMPT = "Write a short story about a lighthouse keeper."
 
 
@@ -30,28 +30,33 @@ def peak_increase(*arguments: str) -> float:
     return json.loads(output.strip().splitlines()[-1])["peak_increase_mib"]
 
 
-def best_rate(generate) -> float:
-    generate()  # warm-up
-    rates = []
+def best_rates(*generators) -> list[float]:
+    """Best tokens/s of each generator over REPEATS runs, interleaved so that a noisy phase hits all alike."""
+    for generate in generators:
+        generate()  # warm-up
+    rates = [[] for _ in generators]
     for _ in range(REPEATS):
-        started = time.perf_counter()
-        generate()
-        rates.append(TOKENS / (time.perf_counter() - started))
-    return max(rates)
+        for generate, measured in zip(generators, rates):
+            started = time.perf_counter()
+            generate()
+            measured.append(TOKENS / (time.perf_counter() - started))
+    return [max(measured) for measured in rates]
 
 
 def main() -> None:
     pipeline = LocalModelForCausalLM.load(MODEL, parse_spans("0:10,10:20,20:30"))
     input_ids = pipeline.encode_prompt(PROMPT)
     ours = GenerationConfig(max_new_tokens=TOKENS, greedy=True, stop_on_eos=False)
-    pipeline_rate = best_rate(lambda: pipeline.generate(input_ids, ours))
     path = resolve_model(MODEL).path
     reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     reference.generation_config.eos_token_id = None
     theirs = TransformersGenerationConfig(max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False, pad_token_id=2)
     mask = torch.ones_like(input_ids)
     with torch.no_grad():
-        transformers_rate = best_rate(lambda: reference.generate(input_ids, attention_mask=mask, generation_config=theirs))
+        pipeline_rate, transformers_rate = best_rates(
+            lambda: pipeline.generate(input_ids, ours),
+            lambda: reference.generate(input_ids, attention_mask=mask, generation_config=theirs),
+        )
     span_mib, whole_mib = peak_increase("0", "10"), peak_increase("0", "30", "--whole")
     print(json.dumps({
         "benchmark": "local_generate", "new_tokens": TOKENS, "dtype": "float32", "torch_threads": torch.get_num_threads(),

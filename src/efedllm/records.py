@@ -373,3 +373,43 @@ class WeightsHeader:
         data = _check_keys("weights header", data, {"version", "span", "dtype", "payload_bytes", "dense_bytes", "compression"})
         _check_version("weights header", data, "version", WIRE_VERSION)
         return cls(Span.from_wire(data["span"]), data["dtype"], data["payload_bytes"], data["dense_bytes"], data["compression"])
+
+
+@dataclass(frozen=True)
+class SpotCheckEvidence:
+    """A client's report that two chains gave different outputs for the same inputs (``verify_fraction``).
+
+    ``suspects`` are the servers of both chains (at least one of them is wrong); stored in the DHT
+    signed by the reporting client, whose key is ``reporter_key``. Verifiers probe suspects first.
+    """
+
+    suspects: tuple[str, ...]
+    tokens: int
+    worst_cosine: float
+    worst_relative_l2: float
+    timestamp: float
+    reporter_key: str
+    version: int = RECORD_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "suspects", tuple(self.suspects))
+        _require(0 < len(self.suspects) <= 64, "evidence needs 1..64 suspects")
+        for suspect in self.suspects:
+            _check_str("evidence.suspect", suspect, 128)
+        _check_int("evidence.tokens", self.tokens, 1)
+        _check_float("evidence.timestamp", self.timestamp, 0.0)
+        _check_str("evidence.reporter_key", self.reporter_key, 4096)
+        for name in ("worst_cosine", "worst_relative_l2"):  # inf/NaN become strings on some encoders: keep numbers
+            _require(isinstance(getattr(self, name), (int, float)), f"evidence.{name} must be a number")
+
+    def to_wire(self) -> dict:
+        data = asdict(self)
+        data["suspects"] = list(self.suspects)
+        return data
+
+    @classmethod
+    def from_wire(cls, data: Any) -> "SpotCheckEvidence":
+        data = _check_keys("spot-check evidence", data, {item.name for item in fields(cls)})
+        _check_version("spot-check evidence", data, "version", RECORD_VERSION)
+        _require(isinstance(data["suspects"], (list, tuple)), "evidence.suspects must be a list")
+        return cls(**{**data, "suspects": tuple(data["suspects"])})

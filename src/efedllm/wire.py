@@ -1,6 +1,7 @@
 """Encoding hidden states and message metadata for P2P messages (shared by client and server).
 
-Hidden states travel in the model dtype by default; ``float16``/``bfloat16`` halve the bytes;
+Hidden states travel in the model dtype by default; ``float16``/``bfloat16`` halve the bytes
+(bfloat16 as its raw bits in an int16 tensor: hivemind would widen it to float32);
 ``int8`` sends int8 values with one float32 scale per token (absmax / 127). Metadata is msgpack
 of a versioned record from :mod:`efedllm.records`. Every decode validates what it reads.
 """
@@ -32,6 +33,8 @@ def encode_hidden(hidden_states: torch.Tensor, wire_format: str) -> list:
         scale = hidden_states.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0  # [batch, tokens, 1]
         values = torch.round(hidden_states.float() / scale).clamp(-127, 127).to(torch.int8)
         return [serialize_torch_tensor(values), serialize_torch_tensor(scale)]
+    if wire_format == "bfloat16":  # hivemind sends bfloat16 as float32 by default; its raw 2 bytes instead
+        return [serialize_torch_tensor(hidden_states.to(torch.bfloat16).view(torch.int16))]
     return [serialize_torch_tensor(hidden_states.to(getattr(torch, wire_format)))]
 
 
@@ -56,6 +59,10 @@ def decode_hidden(tensors, wire_format: str, dtype: torch.dtype) -> torch.Tensor
         if values.dtype != torch.int8 or scale.shape != values.shape[:-1] + (1,):
             raise RecordError("int8 hidden states need int8 values and one scale per token")
         return (values.float() * scale.float()).to(dtype)
+    if wire_format == "bfloat16":
+        if decoded[0].dtype != torch.int16:
+            raise RecordError(f"hidden states announced as bfloat16 (raw int16 bits) arrived as {decoded[0].dtype}")
+        decoded[0] = decoded[0].view(torch.bfloat16)
     if decoded[0].dtype != getattr(torch, wire_format):
         raise RecordError(f"hidden states announced as {wire_format} arrived as {decoded[0].dtype}")
     return decoded[0].to(dtype)

@@ -40,3 +40,6 @@ def test_wire_formats(wire_format):
     assert (decoded - hidden).abs().max() <= tolerance * hidden.abs().max()
     with pytest.raises(RecordError):
         wire.decode_hidden([], wire_format, torch.float32)
+    # what goes on the wire: 4, 2, 2 bytes per value, int8 one byte plus a float32 scale per token
+    expected_bytes = {"float32": 4 * 3 * 576, "float16": 2 * 3 * 576, "bfloat16": 2 * 3 * 576, "int8": 3 * 576 + 4 * 3}
+    assert wire.wire_bytes(wire.encode_hidden(hidden, wire_format)) == expected_bytes[wire_format]

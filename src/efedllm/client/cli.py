@@ -48,6 +48,8 @@ def register(subparsers) -> None:
     parser.add_argument("--trusted-verifiers", nargs="*", default=[], metavar="KEY",
                         help="verifier keys (hex, as `efedllm verify` prints) whose verdicts route around servers")
     parser.add_argument("--verifier-quorum", default="majority", help="any, majority, all or a number")
+    parser.add_argument("--verify-fraction", type=float, default=0.0, metavar="P",
+                        help="spot-check this share of steps on a second, disjoint chain; report mismatches to verifiers")
     add_generation_arguments(parser)
     from efedllm.compression.cli import add_compression_arguments
 
@@ -91,7 +93,7 @@ def run_generate(args) -> int:
             initial_peers=args.initial_peers,
             config=RemoteClientConfig(relay=args.relay, wire_format=args.wire, dtype=args.dtype,
                                       trusted_verifier_keys=tuple(args.trusted_verifiers),
-                                      verifier_quorum=args.verifier_quorum),
+                                      verifier_quorum=args.verifier_quorum, verify_fraction=args.verify_fraction),
         )
     try:
         input_ids = model.encode_prompt(args.prompt, chat=not args.no_chat)

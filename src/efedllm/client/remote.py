@@ -33,7 +33,8 @@ class RemoteClientConfig:
     """``relay`` routes every hop through the client; ``wire_format`` defaults to the model dtype;
     ``max_retries`` bounds failover attempts per step, backing off from ``retry_delay`` up to ``max_retry_delay``;
     ``trusted_verifier_keys`` are the verifiers (hex keys) whose signed verdicts deactivate servers when
-    ``verifier_quorum`` of them agree (no keys: no server is ever deactivated)."""
+    ``verifier_quorum`` of them agree (no keys: no server is ever deactivated). ``verify_fraction``: the
+share of steps also run through a disjoint second chain and compared (:mod:`efedllm.client.spot_check`)."""
 
     relay: bool = False
     wire_format: str | None = None
@@ -45,6 +46,8 @@ class RemoteClientConfig:
     discovery_timeout: float = 30.0
     trusted_verifier_keys: tuple[str, ...] = ()
     verifier_quorum: str = "majority"
+    verify_fraction: float = 0.0
+    spot_check_seed: int | None = None
 
     def __post_init__(self) -> None:
         from efedllm.verifier.quorum import QuorumRule
@@ -56,6 +59,8 @@ class RemoteClientConfig:
             raise ValueError("trusted_verifier_keys must be non-empty hex strings")
         if self.trusted_verifier_keys:
             QuorumRule.parse(self.verifier_quorum).required_votes(len(self.trusted_verifier_keys))
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ValueError(f"verify_fraction must be in [0, 1], got {self.verify_fraction}")
         if self.max_retries < 0 or self.request_timeout <= 0 or self.retry_delay < 0:
             raise ValueError("max_retries must be >= 0, request_timeout > 0 and retry_delay >= 0")
 
@@ -135,9 +140,14 @@ class RemoteInferenceSession:
                 await self._reopen()
                 self.failovers += 1
                 inputs, position = torch.cat(self.history + [hidden_states], dim=1), 0  # replay the past
+        outputs = outputs[:, -hidden_states.shape[1]:]
+        if self.model.draw_spot_check():
+            from efedllm.client.spot_check import run_spot_check
+
+            await run_spot_check(self.model, list(self.route), torch.cat(self.history + [hidden_states], dim=1), outputs)
         self.history.append(hidden_states)
         self.position += hidden_states.shape[1]
-        return outputs[:, -hidden_states.shape[1]:]
+        return outputs
 
     async def _reopen(self) -> None:
         deadline = time.monotonic() + self.model.config.discovery_timeout
@@ -190,6 +200,8 @@ class DistributedModelForCausalLM(CausalLMClient):
         self.bytes_sent = 0
         self._deactivated: set[str] = set()
         self._stubs: dict[str, RemoteSpanStub] = {}
+        self.spot_checks = self.spot_checks_skipped = 0
+        self.spot_check_evidence: list = []  # SpotCheckEvidence this client reported
 
     @classmethod
     def from_pretrained(cls, model: str, initial_peers: list[str], config: RemoteClientConfig = RemoteClientConfig()):
@@ -206,8 +218,15 @@ class DistributedModelForCausalLM(CausalLMClient):
 
         self.parts = load_client_parts(self.model_name, self.config.dtype)
         self.wire_format = self.config.wire_format or self.config.dtype
+        import random
+
+        from efedllm.verifier.verdicts import verifier_key
+
+        self.validator = RSASignatureValidator()
+        self.client_key = verifier_key(self.validator)
+        self._spot_check_random = random.Random(self.config.spot_check_seed)
         self.dht = DHT(initial_peers=self.initial_peers, start=True, client_mode=True,
-                       record_validators=[RSASignatureValidator()])
+                       record_validators=[self.validator])
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="efedllm-client-loop")
         self._thread.start()
@@ -267,6 +286,21 @@ class DistributedModelForCausalLM(CausalLMClient):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+
+    def draw_spot_check(self) -> bool:
+        from efedllm.client.spot_check import draw_spot_check
+
+        return draw_spot_check(self._spot_check_random, self.config.verify_fraction)
+
+    def report_evidence(self, evidence) -> bool:
+        """Publish spot-check evidence (signed with this client's key) for the verifiers."""
+        from efedllm.verifier.evidence import publish_evidence
+
+        try:
+            return publish_evidence(self.dht, self.validator, self.model_name, evidence)
+        except Exception as error:
+            logger.warning("could not publish spot-check evidence: %s", error)
+            return False
 
     def stub(self, peer_id: str) -> RemoteSpanStub:
         if peer_id not in self._stubs:

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     serve.add_argument("--verifier-quorum", default="majority", help="any, majority, all or a number")
     serve.add_argument("--weights-from", metavar="PEER",
                        help="fetch this span's weights from that server (peer id) instead of the model file")
+    serve.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                       help="compute threads (default: torch's default, the machine's cores)")
     serve.add_argument("--no-rebalance", action="store_true")
     serve.add_argument("--announce-interval", type=float, default=5.0)
     serve.add_argument("--rebalance-interval", type=float, default=10.0)
@@ -84,6 +86,7 @@ def run_serve(args) -> int:
         rebalance_interval=args.rebalance_interval,
         compression=compression,
         weights_from=args.weights_from,
+        torch_threads=args.torch_threads,
         trusted_verifier_keys=tuple(args.trusted_verifiers),
         verifier_quorum=args.verifier_quorum,
     )

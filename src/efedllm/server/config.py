@@ -37,7 +37,7 @@ class ServerConfig:
     fault: str | None = None
     compression: object | None = None  # a compression.apply.CompressionConfig
     weights_from: str | None = None  # peer id of a server whose span contains ours: fetch our weights from it
-    torch_threads: int = 1
+    torch_threads: int | None = None  # None: torch's default (the machine's cores)
     trusted_verifier_keys: tuple[str, ...] = ()
     verifier_quorum: str = "majority"
 
@@ -69,7 +69,7 @@ class ServerConfig:
                 PeerID.from_base58(self.weights_from)
             except Exception:
                 raise ValueError(f"weights_from must be a peer id (base58), got {self.weights_from!r}") from None
-        if self.announce_interval <= 0 or self.rebalance_interval <= 0 or self.torch_threads < 1:
+        if self.announce_interval <= 0 or self.rebalance_interval <= 0 or (self.torch_threads is not None and self.torch_threads < 1):
             raise ValueError("intervals must be > 0 and torch_threads >= 1")
 
     @property

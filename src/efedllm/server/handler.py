@@ -24,6 +24,7 @@ from efedllm.records import OpenSessionRequest, RecordError, StepRequest, Weight
 
 logger = logging.getLogger(__name__)
 FORWARD_TIMEOUT = 60.0
+INLINE_STEP_TOKENS = 4
 
 
 class DownstreamError(RuntimeError):
@@ -73,7 +74,10 @@ class SpanServicer(ServicerBase):
             delay = self.fault.delay_seconds() if self.fault is not None else 0.0
             if delay > 0:
                 await asyncio.sleep(delay)
-            outputs = await self.compute(self._run_step, step, hidden)
+            if hidden.shape[1] <= INLINE_STEP_TOKENS:  # a decode step: a thread hand-off costs more than it frees
+                outputs = self._run_step(step, hidden)
+            else:
+                outputs = await self.compute(self._run_step, step, hidden)
         except (RecordError, SpanInputError) as error:
             return wire.error_response(str(error))
         self.last_used[step.session_id] = time.monotonic()

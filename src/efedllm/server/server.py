@@ -67,7 +67,8 @@ class Server:
         from hivemind.dht import DHT
         from hivemind.dht.crypto import RSASignatureValidator
 
-        torch.set_num_threads(self.config.torch_threads)
+        if self.config.torch_threads is not None:
+            torch.set_num_threads(self.config.torch_threads)
         self.validator = RSASignatureValidator()
         self.dht = DHT(
             initial_peers=list(self.config.initial_peers) or None,

@@ -189,6 +189,7 @@ class Verifier:
         self.scores: dict[str, float] = {}
         self.probe_bytes = 0
         self.rounds_done = 0
+        self._evidence_seen, self.evidence_received = 0.0, 0  # newest spot-check evidence already acted on
         self.parts = self.reference = self.dht = self.p2p = self.ledger = None
         self._random = random.Random(config.seed)
         self._passages: list[str] = []
@@ -268,6 +269,7 @@ class Verifier:
         servers = fetch_servers(self.dht, self.config.model, self.parts.config.num_hidden_layers)
         online = [info for info in servers.values() if info.state is ServerState.ONLINE]
         self._random.shuffle(online)
+        online = self._suspects_first(online)
         trace = reference_trace(self.parts, self.reference, self._draw_tokens(), self.config.decode_steps)
         bytes_before = self.probe_bytes
         outcomes = tuple(self._run(self._probe_all(online, trace)))
@@ -279,6 +281,18 @@ class Verifier:
         self.rounds_done += 1
         self.close_finished_epochs()
         return RoundReport(self.rounds_done, outcomes, tuple(decisions), self.probe_bytes - bytes_before)
+
+    def _suspects_first(self, online: list[ServerInfo]) -> list[ServerInfo]:
+        """Servers named in clients' fresh spot-check evidence get an extra probe, first."""
+        from efedllm.verifier.evidence import fetch_evidence, probe_order
+
+        evidence = fetch_evidence(self.dht, self.config.model, since=self._evidence_seen, timeout=5.0)
+        if not evidence:
+            return online
+        self._evidence_seen = max(report.timestamp for report in evidence)
+        self.evidence_received += len(evidence)
+        by_peer = {info.peer_id: info for info in online}
+        return [by_peer[peer] for peer in probe_order(list(by_peer), evidence)]
 
     def _draw_tokens(self) -> torch.Tensor:
         """Token ids [1, prompt + decode_steps] of a random passage (consecutive lines until long enough)."""
