@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=10.0,
                         help="seconds between verifier rounds during the speed runs (efedllm verify's default is 30)")
     parser.add_argument("--speed-seconds", type=float, default=60.0, help="length of each client speed run")
+    parser.add_argument("--speed-only", action="store_true", help="skip the detection repetitions")
     args = parser.parse_args()
     servers = {**HONEST, **{fault: (blocks, ["--fault", fault]) for fault, blocks in FAULTS.items()}}
     with LocalSwarm(MODEL) as swarm, tempfile.TemporaryDirectory() as scratch:
@@ -120,7 +121,7 @@ def main() -> None:
                                                jitter_s=0.05, decisions=decisions))
         try:
             verifier.start()
-            result = detection_runs(verifier, peers, args.repetitions, args.max_rounds)
+            result = {} if args.speed_only else detection_runs(verifier, peers, args.repetitions, args.max_rounds)
             off = client_speed(swarm, verifier, None, args.speed_seconds)
             on = client_speed(swarm, verifier, args.interval, args.speed_seconds)
             continuous = client_speed(swarm, verifier, 0.0, args.speed_seconds)
