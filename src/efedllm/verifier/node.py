@@ -263,14 +263,19 @@ class Verifier:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     # one round -----------------------------------------------------------------------------
-    def run_round(self) -> RoundReport:
+    def prepare_trace(self) -> ReferenceTrace:
+        """The reference outputs for the next round's probe (a random passage through the trusted model)."""
+        return reference_trace(self.parts, self.reference, self._draw_tokens(), self.config.decode_steps)
+
+    def run_round(self, trace: ReferenceTrace | None = None) -> RoundReport:
+        """Probe every online server once (suspects twice) with ``trace`` (default: a fresh one), decide, publish."""
         from efedllm.discovery import fetch_servers
 
         servers = fetch_servers(self.dht, self.config.model, self.parts.config.num_hidden_layers)
         online = [info for info in servers.values() if info.state is ServerState.ONLINE]
         self._random.shuffle(online)
         online = self._suspects_first(online)
-        trace = reference_trace(self.parts, self.reference, self._draw_tokens(), self.config.decode_steps)
+        trace = trace or self.prepare_trace()
         bytes_before = self.probe_bytes
         outcomes = tuple(self._run(self._probe_all(online, trace)))
         for outcome in outcomes:
