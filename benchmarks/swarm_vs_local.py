@@ -20,17 +20,22 @@ from efedllm.client.sampling import GenerationConfig  # noqa: E402
 from efedllm.records import parse_spans  # noqa: E402
 from efedllm.server.swarm import LocalSwarm  # noqa: E402
 
-MODEL, TOKENS, REPEATS = "smollm2-135m", 64, 3
+MODEL, TOKENS, REPEATS = "smollm2-135m", 64, 4
 PROMPT = "Write a short story about a lighthouse keeper."
 CONFIG = GenerationConfig(max_new_tokens=TOKENS, greedy=True, stop_on_eos=False)
 
 
-def measure(model, input_ids) -> dict:
-    model.generate(input_ids, CONFIG)  # warm-up
-    results = [model.generate(input_ids, CONFIG) for _ in range(REPEATS)]
-    best = max(results, key=lambda result: result.tokens_per_s)
-    return {"tokens_per_s": round(best.tokens_per_s, 2), "time_to_first_token_s": round(best.time_to_first_token, 4),
-            "token_ids": best.token_ids}
+def measure_interleaved(models: dict, input_ids) -> dict:
+    """Best run of each model over REPEATS rounds, one run of each per round (the machine's speed drifts)."""
+    for model in models.values():
+        model.generate(input_ids, CONFIG)  # warm-up
+    runs = {name: [] for name in models}
+    for _ in range(REPEATS):
+        for name, model in models.items():
+            runs[name].append(model.generate(input_ids, CONFIG))
+    best = {name: max(results, key=lambda result: result.tokens_per_s) for name, results in runs.items()}
+    return {name: {"tokens_per_s": round(result.tokens_per_s, 2), "time_to_first_token_s": round(result.time_to_first_token, 4),
+                   "token_ids": result.token_ids} for name, result in best.items()}
 
 
 def wire_perplexity(local, text_path: Path, tokens: int = 4096, window: int = 1024) -> dict:
@@ -64,19 +69,19 @@ def peak_rss_mib(pid: int) -> float:
 def main() -> None:
     local = LocalModelForCausalLM.load(MODEL, parse_spans("0:10,10:20,20:30"))
     input_ids = local.encode_prompt(PROMPT)
-    local_result = measure(local, input_ids)
     with LocalSwarm(MODEL) as swarm:
         swarm.start_bootstrap()
         for blocks in ("0:10", "10:20", "20:30"):
             swarm.start_server(blocks, extra=["--no-rebalance"])
         swarm.wait_until_online(3)
-        results = {}
-        for name, config in {"chained": RemoteClientConfig(), "relayed": RemoteClientConfig(relay=True)}.items():
-            model = DistributedModelForCausalLM.from_pretrained(MODEL, swarm.initial_peers, config)
-            try:
-                results[name] = measure(model, input_ids)
-            finally:
+        remote = {name: DistributedModelForCausalLM.from_pretrained(MODEL, swarm.initial_peers, config)
+                  for name, config in {"chained": RemoteClientConfig(), "relayed": RemoteClientConfig(relay=True)}.items()}
+        try:
+            results = measure_interleaved({"local": local, **remote}, input_ids)
+        finally:
+            for model in remote.values():
                 model.shutdown()
+        local_result = results.pop("local")
         server_rss = [round(peak_rss_mib(server.process.pid), 1) for server in swarm.servers]
     perplexity = wire_perplexity(local, Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.raw")
     one_token = torch.randn(1, 1, 576)
