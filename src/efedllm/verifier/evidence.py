@@ -52,6 +52,11 @@ def fetch_evidence(dht: DHT, model: str, since: float = 0.0, timeout: float = 10
     except Exception as error:
         logger.debug("evidence lookup failed: %s", error)
         return []
+    return evidence_in(found, since)
+
+
+def evidence_in(found, since: float = 0.0) -> list[SpotCheckEvidence]:
+    """The valid evidence newer than ``since`` in a DHT lookup result (``dht.get``'s value or None)."""
     if found is None or not isinstance(found.value, dict):
         return []
     reports = []

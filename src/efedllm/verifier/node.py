@@ -190,6 +190,7 @@ class Verifier:
         self.probe_bytes = 0
         self.rounds_done = 0
         self._evidence_seen, self.evidence_received = 0.0, 0  # newest spot-check evidence already acted on
+        self._evidence_lookup = None  # the DHT lookup of evidence started last round
         self.parts = self.reference = self.dht = self.p2p = self.ledger = None
         self._random = random.Random(config.seed)
         self._passages: list[str] = []
@@ -288,10 +289,21 @@ class Verifier:
         return RoundReport(self.rounds_done, outcomes, tuple(decisions), self.probe_bytes - bytes_before)
 
     def _suspects_first(self, online: list[ServerInfo]) -> list[ServerInfo]:
-        """Servers named in clients' fresh spot-check evidence get an extra probe, first."""
-        from efedllm.verifier.evidence import fetch_evidence, probe_order
+        """Servers named in clients' fresh spot-check evidence get an extra probe, first.
 
-        evidence = fetch_evidence(self.dht, self.config.model, since=self._evidence_seen, timeout=5.0)
+        The DHT lookup started in the previous round is used if it has finished (a lookup of an
+        absent key can take seconds; a round never waits for it), and the next one is started.
+        """
+        from efedllm.verifier.evidence import evidence_in, evidence_key, probe_order
+
+        pending, self._evidence_lookup = self._evidence_lookup, self.dht.get(
+            evidence_key(self.config.model), latest=True, return_future=True)
+        if pending is None or not pending.done():
+            return online
+        try:
+            evidence = evidence_in(pending.result(timeout=0), since=self._evidence_seen)
+        except Exception:
+            return online
         if not evidence:
             return online
         self._evidence_seen = max(report.timestamp for report in evidence)
