@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     serve.add_argument("--weights-from", metavar="PEER",
                        help="fetch this span's weights from that server (peer id) instead of the model file")
     serve.add_argument("--torch-threads", type=int, default=None, metavar="N",
-                       help="compute threads (default: torch's default, the machine's cores)")
+                       help="compute threads (default 1: decode is memory-bound, and local swarms share cores)")
     serve.add_argument("--no-rebalance", action="store_true")
     serve.add_argument("--announce-interval", type=float, default=5.0)
     serve.add_argument("--rebalance-interval", type=float, default=10.0)

@@ -37,7 +37,7 @@ class ServerConfig:
     fault: str | None = None
     compression: object | None = None  # a compression.apply.CompressionConfig
     weights_from: str | None = None  # peer id of a server whose span contains ours: fetch our weights from it
-    torch_threads: int | None = None  # None: torch's default (the machine's cores)
+    torch_threads: int | None = 1  # None: torch's default (the cores); 1 keeps many local servers from oversubscribing
     trusted_verifier_keys: tuple[str, ...] = ()
     verifier_quorum: str = "majority"
 
