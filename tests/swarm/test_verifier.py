@@ -99,8 +99,6 @@ def test_verdicts_in_dht_and_client_routes_around(verified_swarm):
         client.shutdown()
 
 
-@pytest.mark.xfail(strict=False, reason="regressed at the end of stop 8 (empty clean epoch: rounds outlast the 5-s epoch?), "
-                   "cause not yet found; see the closing note")
 def test_ledger_pays_only_active_servers(verified_swarm):
     """Every epoch pays only servers active at its close; once faults are found, only honest ones."""
     import time
