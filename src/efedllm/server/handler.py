@@ -24,7 +24,6 @@ from efedllm.records import OpenSessionRequest, RecordError, StepRequest, Weight
 
 logger = logging.getLogger(__name__)
 FORWARD_TIMEOUT = 60.0
-INLINE_STEP_TOKENS = 0  # 4 (decode steps on the event loop) made verifier rounds outlast 5-s epochs on 2 cores
 
 
 class DownstreamError(RuntimeError):
@@ -74,10 +73,7 @@ class SpanServicer(ServicerBase):
             delay = self.fault.delay_seconds() if self.fault is not None else 0.0
             if delay > 0:
                 await asyncio.sleep(delay)
-            if hidden.shape[1] <= INLINE_STEP_TOKENS:  # a decode step: a thread hand-off costs more than it frees
-                outputs = self._run_step(step, hidden)
-            else:
-                outputs = await self.compute(self._run_step, step, hidden)
+            outputs = await self.compute(self._run_step, step, hidden)
         except (RecordError, SpanInputError) as error:
             return wire.error_response(str(error))
         self.last_used[step.session_id] = time.monotonic()
