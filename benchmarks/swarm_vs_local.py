@@ -1,9 +1,17 @@
-"""A 3-server swarm on 127.0.0.1 (chained and client-relayed) vs the local pipeline: tokens/s for
-64 greedy tokens, time to first token, bytes per token per hop for each wire format, and each
-server's peak RSS. Prints one JSON line."""
+"""A 3-server swarm on 127.0.0.1 vs the local pipeline: tokens/s for 64 greedy tokens, time to
+first token, bytes per token per hop for each wire format, and each server's peak RSS. Prints one
+JSON line.
+
+Swarm modes: ``chained`` (the default: each server forwards to the next, the last delivers to the
+client), ``chained_answer_along_chain`` (the answer returns hop by hop, the paper's plain chain) and
+``relayed`` (the client sends every hop, Petals' way).
+
+Usage: python benchmarks/swarm_vs_local.py [--skip-perplexity]
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -66,7 +74,14 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+MODES = {"chained": RemoteClientConfig(), "chained_answer_along_chain": RemoteClientConfig(direct_delivery=False),
+         "relayed": RemoteClientConfig(relay=True)}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip-perplexity", action="store_true", help="leave out the wire formats' perplexity")
+    args = parser.parse_args()
     local = LocalModelForCausalLM.load(MODEL, parse_spans("0:10,10:20,20:30"))
     input_ids = local.encode_prompt(PROMPT)
     with LocalSwarm(MODEL) as swarm:
@@ -75,7 +90,7 @@ def main() -> None:
             swarm.start_server(blocks, extra=["--no-rebalance"])
         swarm.wait_until_online(3)
         remote = {name: DistributedModelForCausalLM.from_pretrained(MODEL, swarm.initial_peers, config)
-                  for name, config in {"chained": RemoteClientConfig(), "relayed": RemoteClientConfig(relay=True)}.items()}
+                  for name, config in MODES.items()}
         try:
             results = measure_interleaved({"local": local, **remote}, input_ids)
         finally:
@@ -83,7 +98,8 @@ def main() -> None:
                 model.shutdown()
         local_result = results.pop("local")
         server_rss = [round(peak_rss_mib(server.process.pid), 1) for server in swarm.servers]
-    perplexity = wire_perplexity(local, Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.raw")
+    text = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.raw"
+    perplexity = {} if args.skip_perplexity else wire_perplexity(local, text)
     one_token = torch.randn(1, 1, 576)
     bytes_per_hop = {fmt: wire.wire_bytes(wire.encode_hidden(one_token, fmt)) for fmt in wire.WIRE_FORMATS}
     print(json.dumps({
@@ -94,9 +110,10 @@ def main() -> None:
         "chained_over_local": round(results["chained"]["tokens_per_s"] / local_result["tokens_per_s"], 3),
         "relayed_over_local": round(results["relayed"]["tokens_per_s"] / local_result["tokens_per_s"], 3),
         "chained_over_relayed": round(results["chained"]["tokens_per_s"] / results["relayed"]["tokens_per_s"], 3),
+        "answer_along_chain_tokens_per_s": results["chained_answer_along_chain"]["tokens_per_s"],
+        "answer_along_chain_over_local": round(results["chained_answer_along_chain"]["tokens_per_s"] / local_result["tokens_per_s"], 3),
         "time_to_first_token_s": {"local": local_result["time_to_first_token_s"],
-                                  "chained": results["chained"]["time_to_first_token_s"],
-                                  "relayed": results["relayed"]["time_to_first_token_s"]},
+                                  **{name: result["time_to_first_token_s"] for name, result in results.items()}},
         "same_tokens_as_local": all(r["token_ids"] == local_result["token_ids"] for r in results.values()),
         "bytes_per_token_per_hop": bytes_per_hop,
         "server_peak_rss_mib": server_rss,

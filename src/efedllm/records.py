@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 RECORD_VERSION = 1
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 MAX_SESSION_ID_LENGTH = 64
 MAX_ROUTE_HOPS = 64
 
@@ -245,13 +245,45 @@ def _check_session_id(value: Any) -> str:
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """Where the last hop of a chain sends a step's output: the requesting peer and its step id.
+
+    With a delivery, every hop acknowledges its caller as soon as it has computed and handed its
+    output on, and the last hop calls the requester's ``rpc_deliver``
+    (:class:`efedllm.delivery.DeliveryServicer`): the answer does not travel back along the chain.
+    """
+
+    peer_id: str
+    step_id: str
+
+    def __post_init__(self) -> None:
+        _check_str("delivery.peer_id", self.peer_id, 128)
+        _check_step_id("delivery.step_id", self.step_id)
+
+    def to_wire(self) -> list:
+        return [self.peer_id, self.step_id]
+
+    @classmethod
+    def from_wire(cls, data: Any) -> "Delivery":
+        _require(isinstance(data, (list, tuple)) and len(data) == 2, f"delivery must be [peer, step id], got {data!r}")
+        return cls(_check_str("delivery.peer_id", data[0], 128), _check_step_id("delivery.step_id", data[1]))
+
+
+def _check_step_id(name: str, value: Any) -> str:
+    text = _check_str(name, value, MAX_SESSION_ID_LENGTH)
+    _require(bool(text) and text.isprintable(), f"{name} must be a non-empty printable string")
+    return text
+
+
+@dataclass(frozen=True)
 class StepRequest:
     """Metadata of one inference step; the hidden states travel beside it as a tensor.
 
     ``position`` is how many tokens the session already holds when the step starts: a server
     whose cache is longer crops it back first (so a retried step is idempotent), one whose cache
     is shorter rejects the step as out of order. ``next_hops`` is the rest of the chain that the
-    server forwards its output to; empty means answer the caller.
+    server forwards its output to; empty means answer the caller. ``deliver_to`` (optional) makes
+    the last hop send the output straight to that peer instead of back along the chain.
     """
 
     session_id: str
@@ -259,7 +291,7 @@ class StepRequest:
     position: int
     wire_format: str = "float32"
     next_hops: tuple[Hop, ...] = ()
-    trace: bool = False
+    deliver_to: Delivery | None = None
     version: int = WIRE_VERSION
 
     def __post_init__(self) -> None:
@@ -276,25 +308,54 @@ class StepRequest:
             "position": self.position,
             "wire_format": self.wire_format,
             "next_hops": [hop.to_wire() for hop in self.next_hops],
-            "trace": self.trace,
+            "deliver_to": None if self.deliver_to is None else self.deliver_to.to_wire(),
         }
 
     @classmethod
     def from_wire(cls, data: Any) -> "StepRequest":
-        data = _check_keys("step request", data, {"version", "session_id", "span", "position", "wire_format", "next_hops", "trace"})
+        keys = {"version", "session_id", "span", "position", "wire_format", "next_hops", "deliver_to"}
+        data = _check_keys("step request", data, keys)
         _check_version("step request", data, "version", WIRE_VERSION)
         hops = data["next_hops"]
         _require(isinstance(hops, (list, tuple)), "step request next_hops must be a list")
         _require(len(hops) <= MAX_ROUTE_HOPS, f"route has more than {MAX_ROUTE_HOPS} hops")
-        _require(isinstance(data["trace"], bool), "step request trace must be a bool")
         return cls(
             session_id=_check_session_id(data["session_id"]),
             span=Span.from_wire(data["span"]),
             position=_check_int("position", data["position"], 0),
             wire_format=_check_str("wire_format", data["wire_format"], 16),
             next_hops=tuple(Hop.from_wire(hop) for hop in hops),
-            trace=data["trace"],
+            deliver_to=None if data["deliver_to"] is None else Delivery.from_wire(data["deliver_to"]),
         )
+
+
+@dataclass(frozen=True)
+class DeliveredStep:
+    """Metadata of an ``rpc_deliver`` call: the step's output (as tensors beside it), or why the chain failed.
+
+    ``failed_peer`` names the hop that could not be reached or answered with an error.
+    """
+
+    step_id: str
+    error: str | None = None
+    failed_peer: str | None = None
+    version: int = WIRE_VERSION
+
+    def __post_init__(self) -> None:
+        _check_step_id("delivered step step_id", self.step_id)
+        if self.error is not None:
+            _check_str("delivered step error", self.error, 4096)
+        if self.failed_peer is not None:
+            _check_str("delivered step failed_peer", self.failed_peer, 128)
+
+    def to_wire(self) -> dict:
+        return {"version": self.version, "step_id": self.step_id, "error": self.error, "failed_peer": self.failed_peer}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> "DeliveredStep":
+        data = _check_keys("delivered step", data, {"version", "step_id", "error", "failed_peer"})
+        _check_version("delivered step", data, "version", WIRE_VERSION)
+        return cls(_check_step_id("delivered step step_id", data["step_id"]), data["error"], data["failed_peer"])
 
 
 @dataclass(frozen=True)

@@ -107,13 +107,16 @@ def test_ledger_pays_only_active_servers(verified_swarm):
 
     _, verifier, peers, _ = verified_swarm
     seconds = verifier.config.decisions.epoch_seconds
-    clean_epoch = epoch_of(time.time(), seconds) + 1  # wholly after every fault was detected
-    while epoch_of(time.time(), seconds) <= clean_epoch:
+    detected_epoch = epoch_of(time.time(), seconds)  # every later epoch starts after all faults were found
+    paid_after: set[str] = set()
+    for _ in range(30):  # a round can outlast a 5-s epoch on a loaded machine: go on until a later epoch pays
         verifier.run_round()
-    verifier.close_finished_epochs()
-    credits = verifier.ledger.credits()
+        verifier.close_finished_epochs()
+        credits = verifier.ledger.credits()
+        paid_after = {credit.peer_id for credit in credits if credit.epoch > detected_epoch and credit.amount > 0}
+        if paid_after:
+            break
     assert all(credit.active for credit in credits if credit.amount > 0)
-    paid_after = {credit.peer_id for credit in credits if credit.epoch == clean_epoch and credit.amount > 0}
     assert paid_after and paid_after <= {peers[name] for name in HONEST}
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from efedllm import wire
-from efedllm.records import Hop, RecordError, ServerInfo, ServerState, Span, StepRequest, parse_spans
+from efedllm.records import (DeliveredStep, Delivery, Hop, RecordError, ServerInfo, ServerState, Span, StepRequest,
+                             parse_spans)
 
 
 def test_span_parsing_and_errors():
@@ -30,6 +31,22 @@ def test_step_request_round_trip():
     assert StepRequest.from_wire(step.to_wire()) == step
     with pytest.raises(RecordError, match="session_id"):
         StepRequest.from_wire({**step.to_wire(), "session_id": ""})
+    delivered = StepRequest("s1", Span(0, 10), 3, "int8", step.next_hops, Delivery("client", "step-1"))
+    assert StepRequest.from_wire(delivered.to_wire()) == delivered
+    for bad in (["client"], ["client", ""], "client", [1, "step"]):
+        with pytest.raises(RecordError, match="deliver"):
+            StepRequest.from_wire({**delivered.to_wire(), "deliver_to": bad})
+    with pytest.raises(RecordError, match="version 1"):
+        StepRequest.from_wire({**delivered.to_wire(), "version": 1})
+
+
+def test_delivered_step_round_trip_and_strictness():
+    for delivered in (DeliveredStep("step-1"), DeliveredStep("step-1", "hop failed", "peer-b")):
+        assert DeliveredStep.from_wire(delivered.to_wire()) == delivered
+    with pytest.raises(RecordError, match="error"):
+        DeliveredStep.from_wire({**DeliveredStep("s").to_wire(), "error": 3})
+    with pytest.raises(RecordError, match="unknown field"):
+        DeliveredStep.from_wire({**DeliveredStep("s").to_wire(), "tensors": []})
 
 
 @pytest.mark.parametrize("wire_format", ["float32", "float16", "bfloat16", "int8"])

@@ -44,6 +44,8 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--wire", default=None, choices=["float32", "bfloat16", "float16", "int8"])
     parser.add_argument("--relay", action="store_true", help="route every hop through the client (Petals' way)")
+    parser.add_argument("--answer-along-chain", action="store_true",
+                        help="chained steps answer back hop by hop instead of the last hop delivering to the client")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument("--trusted-verifiers", nargs="*", default=[], metavar="KEY",
                         help="verifier keys (hex, as `efedllm verify` prints) whose verdicts route around servers")
@@ -91,7 +93,7 @@ def run_generate(args) -> int:
         model = DistributedModelForCausalLM.from_pretrained(
             args.model,
             initial_peers=args.initial_peers,
-            config=RemoteClientConfig(relay=args.relay, wire_format=args.wire, dtype=args.dtype,
+            config=RemoteClientConfig(relay=args.relay, direct_delivery=not args.answer_along_chain, wire_format=args.wire, dtype=args.dtype,
                                       trusted_verifier_keys=tuple(args.trusted_verifiers),
                                       verifier_quorum=args.verifier_quorum, verify_fraction=args.verify_fraction),
         )

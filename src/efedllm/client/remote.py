@@ -2,8 +2,9 @@
 
 ``DistributedModelForCausalLM`` owns the tokenizer, embeddings and LM head; each inference
 session opens a session on every hop of a chain. A step goes to the first hop with the rest of
-the chain attached, and servers forward it hop to hop (``relay=True`` instead sends every hop
-from the client, as Petals does). When a hop fails, the client bans it, picks a new chain,
+the chain attached, servers forward it hop to hop and the last one delivers the output straight
+to the client (:mod:`efedllm.delivery`); ``relay=True`` instead sends every hop from the client,
+as Petals does. When a hop fails, the client bans it, picks a new chain,
 opens sessions there and replays the session's past inputs, so generation continues with the
 same tokens.
 """
@@ -23,20 +24,24 @@ import torch
 from efedllm import wire
 from efedllm.client.generation import CausalLMClient
 from efedllm.client.routing import MissingBlocksError, RouteHop, choose_route
-from efedllm.records import Hop, OpenSessionRequest, StepRequest
+from efedllm.delivery import DeliveryServicer
+from efedllm.records import Delivery, Hop, OpenSessionRequest, StepRequest
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RemoteClientConfig:
-    """``relay`` routes every hop through the client; ``wire_format`` defaults to the model dtype;
+    """``relay`` routes every hop through the client; ``direct_delivery`` (chained steps only) makes
+    the last hop send the output straight to the client, not back along the chain;
+    ``wire_format`` defaults to the model dtype;
     ``max_retries`` bounds failover attempts per step, backing off from ``retry_delay`` up to ``max_retry_delay``;
     ``trusted_verifier_keys`` are the verifiers (hex keys) whose signed verdicts deactivate servers when
     ``verifier_quorum`` of them agree (no keys: no server is ever deactivated). ``verify_fraction``: the
 share of steps also run through a disjoint second chain and compared (:mod:`efedllm.client.spot_check`)."""
 
     relay: bool = False
+    direct_delivery: bool = True
     wire_format: str | None = None
     dtype: str = "float32"
     request_timeout: float = 30.0
@@ -103,9 +108,14 @@ class RemoteInferenceSession:
         self.route: list[RouteHop] = []
         self.session_ids: list[str] = []
         self.failovers = 0
+        self._relay_next_step = False  # after a failure no hop could be blamed for: find the culprit
 
     async def open(self, excluded: set[str]) -> None:
-        self.route = self.model.find_route(excluded, self.max_length)
+        await self.open_route(self.model.find_route(excluded, self.max_length))
+
+    async def open_route(self, route: list[RouteHop]) -> None:
+        """Open a session on every hop of ``route``; ``close()`` closes them, also after a failure here."""
+        self.route = route
         self.session_ids = [uuid.uuid4().hex for _ in self.route]
         await asyncio.gather(*(
             self.model.stub(hop.peer_id).call(
@@ -134,7 +144,10 @@ class RemoteInferenceSession:
                 if attempt == config.max_retries:
                     raise
                 logger.warning("hop failed (%s); finding another chain", failure)
-                self.model.banned.add(failure.peer_id or self.route[0].peer_id)
+                if failure.peer_id is None:
+                    self._relay_next_step = True
+                else:
+                    self.model.banned.add(failure.peer_id)
                 await asyncio.sleep(min(config.retry_delay * 2**attempt, config.max_retry_delay))
                 await self.close()
                 await self._reopen()
@@ -164,11 +177,36 @@ class RemoteInferenceSession:
     async def _send(self, hidden_states: torch.Tensor, position: int) -> torch.Tensor:
         wire_format = self.model.wire_format
         hops = [Hop(hop.peer_id, hop.blocks, session_id) for hop, session_id in zip(self.route, self.session_ids)]
-        if self.model.config.relay:
+        if self.model.config.relay or self._relay_next_step:
+            self._relay_next_step = False
             for hop in hops:
                 hidden_states = await self._call_hop(hop, (), hidden_states, position, wire_format)
             return hidden_states
-        return await self._call_hop(hops[0], tuple(hops[1:]), hidden_states, position, wire_format)
+        if len(hops) == 1 or not self.model.config.direct_delivery:
+            return await self._call_hop(hops[0], tuple(hops[1:]), hidden_states, position, wire_format)
+        return await self._call_chain(hops, hidden_states, position, wire_format)
+
+    async def _call_chain(self, hops: list[Hop], hidden_states, position: int, wire_format: str):
+        """The step through the whole chain; the last hop delivers the output to this client."""
+        delivery, step_id = self.model.delivery, uuid.uuid4().hex
+        delivery.expect(step_id, tuple(hop.peer_id for hop in hops))
+        try:
+            request = StepRequest(hops[0].session_id, hops[0].span, position, wire_format, tuple(hops[1:]),
+                                  Delivery(self.model.peer_id, step_id))
+            tensors = wire.encode_hidden(hidden_states, wire_format)
+            self.model.bytes_sent += wire.wire_bytes(tensors)
+            await self.model.stub(hops[0].peer_id).call("rpc_step", request.to_wire(), tensors, self.model.config.request_timeout)
+            delivered, tensors = await delivery.wait(step_id, self.model.config.request_timeout)
+        except asyncio.TimeoutError:
+            raise HopFailure(None, f"no output from the chain within {self.model.config.request_timeout} s") from None
+        finally:
+            delivery.forget(step_id)
+        if delivered.error is not None:
+            raise HopFailure(delivered.failed_peer, delivered.error)
+        try:
+            return wire.decode_hidden(tensors, wire_format, self.model.parts.dtype)
+        except ValueError as error:
+            raise HopFailure(hops[-1].peer_id, f"bad answer from {hops[-1].peer_id}: {error}") from None
 
     async def _call_hop(self, hop: Hop, rest: tuple[Hop, ...], hidden_states, position: int, wire_format: str):
         request = StepRequest(hop.session_id, hop.span, position, wire_format, rest)
@@ -231,10 +269,15 @@ class DistributedModelForCausalLM(CausalLMClient):
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="efedllm-client-loop")
         self._thread.start()
         self.p2p = self.run(self.dht.replicate_p2p())
+        self.peer_id = self.p2p.peer_id.to_base58()
+        self.delivery = DeliveryServicer()
+        self.run(self.delivery.start(self.p2p))
         self.wait_for_coverage(self.config.discovery_timeout)
 
     def shutdown(self) -> None:
         if getattr(self, "_loop", None) is not None:
+            if getattr(self, "delivery", None) is not None:
+                self.run(self.delivery.shutdown())
             self.run(_cancel_other_tasks())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)

@@ -13,15 +13,16 @@ with the first chain's output: evidence decides nothing by itself.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
-import uuid
 
 import torch
 
-from efedllm import wire
 from efedllm.client.routing import MissingBlocksError, RouteHop
-from efedllm.records import Hop, OpenSessionRequest, RecordError, SpotCheckEvidence, StepRequest
+from efedllm.records import RecordError, SpotCheckEvidence
+
+logger = logging.getLogger(__name__)
 
 
 def draw_spot_check(generator: random.Random, fraction: float) -> bool:
@@ -54,11 +55,14 @@ async def run_spot_check(model, primary: list[RouteHop], inputs: torch.Tensor, o
 
     route = alternative_route(lambda excluded: model.find_route(excluded | model.banned, inputs.shape[1]), primary)
     if route is None:
+        logger.info("spot check skipped: no chain avoids %s among %s", [hop.peer_id for hop in primary],
+                    {peer: (info.state.value, str(info.span), info.free_cache_tokens) for peer, info in model.servers.items()})
         model.spot_checks_skipped += 1
         return None
     try:
         alternative = await _run_chain(model, route, inputs)
-    except (HopFailure, RecordError):
+    except (HopFailure, RecordError) as error:
+        logger.info("spot check skipped: the second chain failed: %s", error)
         model.spot_checks_skipped += 1
         return None
     alternative = alternative[:, -outputs.shape[1]:]
@@ -75,23 +79,12 @@ async def run_spot_check(model, primary: list[RouteHop], inputs: torch.Tensor, o
 
 
 async def _run_chain(model, route: list[RouteHop], inputs: torch.Tensor) -> torch.Tensor:
-    """``inputs`` [1, T, H] as one prefill through a fresh chain; its output [1, T, H]."""
-    session_ids = [uuid.uuid4().hex for _ in route]
-    max_length = inputs.shape[1]
-    timeout = model.config.request_timeout
+    """``inputs`` [1, T, H] as one prefill through a fresh session on ``route``; its output [1, T, H]."""
+    from efedllm.client.remote import RemoteInferenceSession
+
+    session = RemoteInferenceSession(model, max_length=inputs.shape[1])
     try:
-        await asyncio.gather(*(
-            model.stub(hop.peer_id).call("rpc_open_session", OpenSessionRequest(session_id, hop.blocks, max_length).to_wire(),
-                                         timeout=timeout)
-            for hop, session_id in zip(route, session_ids)
-        ))
-        hops = [Hop(hop.peer_id, hop.blocks, session_id) for hop, session_id in zip(route, session_ids)]
-        request = StepRequest(hops[0].session_id, hops[0].span, 0, model.wire_format, tuple(hops[1:]))
-        answer = await model.stub(hops[0].peer_id).call("rpc_step", request.to_wire(),
-                                                        wire.encode_hidden(inputs, model.wire_format), timeout)
-        return wire.decode_hidden(answer.tensors, model.wire_format, model.parts.dtype)
+        await session.open_route(route)
+        return await session._send(inputs, 0)
     finally:
-        await asyncio.gather(*(
-            model.stub(hop.peer_id).call("rpc_close_session", {"session_id": session_id}, timeout=5.0)
-            for hop, session_id in zip(route, session_ids)
-        ), return_exceptions=True)
+        await session.close()

@@ -3,9 +3,12 @@
 Call order for a session: ``rpc_open_session`` (on every hop), ``rpc_step`` (many times),
 ``rpc_close_session``. ``rpc_span_weights`` streams this server's weights to a joining server
 (:mod:`efedllm.server.weights`). A step with ``next_hops`` is forwarded by this server straight to the
-next hop and the chain's final answer comes back; no hop returns through the client. Every
-request is validated; an error answers that request only and names what was wrong, or which
-downstream peer failed.
+next hop; no hop returns through the client. With ``deliver_to`` (what clients send) each hop
+acknowledges its caller once it has handed its output on, and the last hop sends the output
+straight to the requester (:mod:`efedllm.delivery`), so the answer does not travel back along the
+chain; a hop that cannot hand on reports the failed peer to the requester the same way. Without
+it the chain's answer comes back hop by hop. Every request is validated; an error answers that
+request only and names what was wrong, or which downstream peer failed.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from efedllm import wire
+from efedllm.delivery import deliver
 from efedllm.models.sessions import SpanInputError, SpanSessions
-from efedllm.records import OpenSessionRequest, RecordError, StepRequest, WeightsRequest
+from efedllm.records import DeliveredStep, OpenSessionRequest, RecordError, StepRequest, WeightsRequest
 
 logger = logging.getLogger(__name__)
-FORWARD_TIMEOUT = 60.0
+FORWARD_TIMEOUT = 20.0  # below the client's default request timeout, so a stalled hop is reported first
 
 
 class DownstreamError(RuntimeError):
@@ -42,6 +46,7 @@ class SpanServicer(ServicerBase):
         self.compression = compression  # CompressionConfig.signature() of the hosted weights, None when dense
         self.last_used: dict[str, float] = {}
         self.steps_served = 0
+        self._hand_ons: set[asyncio.Task] = set()  # forwards of delivered steps still in flight
 
     async def rpc_open_session(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
@@ -79,6 +84,8 @@ class SpanServicer(ServicerBase):
         self.last_used[step.session_id] = time.monotonic()
         self.steps_served += 1
         tensors = wire.encode_hidden(outputs, step.wire_format)
+        if step.deliver_to is not None:
+            return await self._hand_on(step, tensors)
         if not step.next_hops:
             return wire.response({"ok": True}, tensors)
         return await self._forward(step, tensors)
@@ -105,14 +112,51 @@ class SpanServicer(ServicerBase):
         return outputs
 
     async def _forward(self, step: StepRequest, tensors) -> runtime_pb2.ExpertResponse:
+        """Sends the step on; the answer, or an error response naming the hop that failed."""
         next_hop, rest = step.next_hops[0], step.next_hops[1:]
-        forwarded = StepRequest(next_hop.session_id, next_hop.span, step.position, step.wire_format, rest)
+        forwarded = StepRequest(next_hop.session_id, next_hop.span, step.position, step.wire_format, rest,
+                                step.deliver_to)
         try:
             stub = type(self).get_stub(self.p2p, PeerID.from_base58(next_hop.peer_id))
-            return await asyncio.wait_for(stub.rpc_step(wire.request(forwarded.to_wire(), tensors)), FORWARD_TIMEOUT)
+            answer = await asyncio.wait_for(stub.rpc_step(wire.request(forwarded.to_wire(), tensors)), FORWARD_TIMEOUT)
+            reply = wire.unpack_metadata(answer.metadata)
         except Exception as error:
-            logger.info("forwarding to %s failed: %s", next_hop.peer_id, error)
+            logger.info("forwarding to %s failed: %r", next_hop.peer_id, error)
             return wire.error_response(f"next hop {next_hop.peer_id} failed: {error!r}", failed_peer=next_hop.peer_id)
+        if reply.get("ok") or reply.get("failed_peer"):
+            return answer
+        return wire.error_response(f"next hop {next_hop.peer_id}: {reply.get('error')}", failed_peer=next_hop.peer_id)
+
+    async def _hand_on(self, step: StepRequest, tensors) -> runtime_pb2.ExpertResponse:
+        """Delivered steps: the last hop delivers before acknowledging; others acknowledge while forwarding."""
+        if not step.next_hops:
+            try:
+                await deliver(self.p2p, step.deliver_to.peer_id, DeliveredStep(step.deliver_to.step_id), tensors)
+            except Exception as error:
+                logger.info("delivery to %s failed: %r", step.deliver_to.peer_id, error)
+                return wire.error_response(f"delivery to {step.deliver_to.peer_id} failed: {error!r}")
+            return wire.response({"ok": True})
+        task = asyncio.create_task(self._forward_or_report(step, tensors))
+        self._hand_ons.add(task)
+        task.add_done_callback(self._hand_ons.discard)
+        await asyncio.sleep(0)  # let the forward start before the acknowledgement is written
+        return wire.response({"ok": True})
+
+    async def _forward_or_report(self, step: StepRequest, tensors) -> None:
+        answer = wire.unpack_metadata((await self._forward(step, tensors)).metadata)
+        if answer.get("ok"):
+            return
+        report = DeliveredStep(step.deliver_to.step_id, str(answer.get("error"))[:4096],
+                               answer.get("failed_peer") or step.next_hops[0].peer_id)
+        try:
+            await deliver(self.p2p, step.deliver_to.peer_id, report)
+        except Exception as error:
+            logger.info("could not report a failed hop to %s: %r", step.deliver_to.peer_id, error)
+
+    async def cancel_hand_ons(self) -> None:
+        for task in list(self._hand_ons):
+            task.cancel()
+        await asyncio.gather(*self._hand_ons, return_exceptions=True)
 
     def close_idle_sessions(self, idle_timeout: float) -> int:
         now, closed = time.monotonic(), 0

@@ -149,6 +149,8 @@ class Server:
                 self._announce(ServerState.OFFLINE)
         except Exception as error:
             logger.warning("could not announce offline: %s", error)
+        if self.servicer is not None:
+            await self.servicer.cancel_hand_ons()
         self.dht.shutdown()
         self.dht = None
         self._executor.shutdown(wait=False)

@@ -1,0 +1,90 @@
+"""Direct delivery of a chained step's output from the chain's last server to the peer that asked.
+
+A peer that sends chained steps with ``StepRequest.deliver_to`` hosts a ``DeliveryServicer``.
+Call order: ``start(p2p)`` once; per step ``expect(step_id, chain)`` before sending the step,
+``await wait(step_id, timeout)`` for the answer, ``forget(step_id)`` when done (also after errors);
+``shutdown()`` at the end. Servers call ``rpc_deliver`` through :func:`deliver`.
+
+A delivery is validated strictly: it must name a step that is awaited, an output may only come
+from the chain's last hop and an error report only from a hop of that chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+
+from efedllm import wire
+from efedllm.records import DeliveredStep, RecordError
+
+DELIVERY_TIMEOUT = 20.0
+
+
+@dataclass
+class _Awaited:
+    chain: tuple[str, ...]  # peer ids, in chain order
+    future: asyncio.Future
+
+
+class DeliveryServicer(ServicerBase):
+    """Receives ``rpc_deliver`` calls for the steps this peer is waiting for."""
+
+    def __init__(self) -> None:
+        self._awaited: dict[str, _Awaited] = {}
+        self._p2p: P2P | None = None
+
+    async def start(self, p2p: P2P) -> None:
+        self._p2p = p2p
+        await self.add_p2p_handlers(p2p)
+
+    async def shutdown(self) -> None:
+        for awaited in self._awaited.values():
+            awaited.future.cancel()
+        self._awaited.clear()
+        if self._p2p is not None:
+            await self.remove_p2p_handlers(self._p2p)
+            self._p2p = None
+
+    def expect(self, step_id: str, chain: tuple[str, ...]) -> None:
+        self._awaited[step_id] = _Awaited(tuple(chain), asyncio.get_running_loop().create_future())
+
+    def forget(self, step_id: str) -> None:
+        awaited = self._awaited.pop(step_id, None)
+        if awaited is not None and not awaited.future.done():
+            awaited.future.cancel()
+
+    async def wait(self, step_id: str, timeout: float) -> tuple[DeliveredStep, list]:
+        """The delivered metadata and tensors; ``asyncio.TimeoutError`` when nothing came in time."""
+        return await asyncio.wait_for(asyncio.shield(self._awaited[step_id].future), timeout)
+
+    async def rpc_deliver(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        try:
+            delivered = DeliveredStep.from_wire(wire.unpack_metadata(request.metadata))
+            self._check_sender(delivered, context.remote_id.to_base58())
+        except RecordError as error:
+            return wire.error_response(str(error))
+        future = self._awaited[delivered.step_id].future
+        if not future.done():
+            future.set_result((delivered, list(request.tensors)))
+        return wire.response({"ok": True})
+
+    def _check_sender(self, delivered: DeliveredStep, sender: str) -> None:
+        awaited = self._awaited.get(delivered.step_id)
+        if awaited is None:
+            raise RecordError(f"step {delivered.step_id!r} is not awaited here (unknown or already answered)")
+        if delivered.error is None and sender != awaited.chain[-1]:
+            raise RecordError(f"output of step {delivered.step_id!r} from {sender}, not the chain's last hop")
+        if delivered.error is not None and sender not in awaited.chain:
+            raise RecordError(f"error report for step {delivered.step_id!r} from {sender}, not a hop of its chain")
+
+
+async def deliver(p2p: P2P, peer_id: str, delivered: DeliveredStep, tensors=()) -> None:
+    """Send ``delivered`` (and the output ``tensors``) to ``peer_id``'s ``DeliveryServicer``; raises on failure."""
+    stub = DeliveryServicer.get_stub(p2p, PeerID.from_base58(peer_id))
+    answer = await asyncio.wait_for(stub.rpc_deliver(wire.request(delivered.to_wire(), tensors)), DELIVERY_TIMEOUT)
+    reply = wire.unpack_metadata(answer.metadata)
+    if not reply.get("ok"):
+        raise RecordError(f"{peer_id} refused the delivery: {reply.get('error')}")
