@@ -220,7 +220,6 @@ class Verifier:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="efedllm-verifier-loop")
         self._thread.start()
         self.p2p = self._run(self.dht.replicate_p2p())
-        print(f"efedllm verifier key: {self.key}", flush=True)
         return self
 
     def run(self, on_round=None) -> None:

@@ -48,6 +48,7 @@ def run_verify(args: argparse.Namespace) -> int:
     verifier = Verifier(build_config(args))
     try:
         verifier.start()
+        print(f"efedllm verifier key: {verifier.key}", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: verifier.stop())
         verifier.run(on_round=lambda report: print(json.dumps(report.to_json()), flush=True))
     finally:
