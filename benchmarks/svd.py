@@ -5,8 +5,10 @@ perplexity: the paper's Fig. 5 on a real model, with the perplexity the paper la
 
 Settings: WikiText-2 test (``../shared/data/wikitext2-test.raw``), first 8,192 tokens in 1,024-token
 windows, float32. Plain = eq. 15's uniform rank per matrix. Whitened = SVD-LLM whitening, ranks
-allocated under one parameter budget over all 30 blocks, sequential calibration on 32 × 512 tokens
-drawn (seed 0) after token 65,536 of the same file (disjoint from the evaluation tokens).
+allocated under one parameter budget over all 30 blocks (``allocation="loss"``: each matrix's
+whitened output error weighed by its measured loss sensitivity, from one backward pass on 8 × 512
+tokens drawn with seed 1), sequential calibration on 32 × 512 tokens drawn (seed 0); all windows
+come from after token 65,536 of the same file (disjoint from the evaluation tokens).
 Decode step: one token with a 128-token KV cache through a 10-block span, dense vs eq. 15 low-rank.
 
 Usage: python benchmarks/svd.py [--ratios 0.9,0.8,0.7,0.6] [--tokens 8192] [--png PATH]
@@ -26,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from efedllm.compression.apply import CompressionConfig, compress_layers, whitened_spectra
-from efedllm.compression.calibration import calibration_token_ids, span_layer_runner
+from efedllm.compression.apply import CompressionConfig, compress_layers, projections, whitened_spectra
+from efedllm.compression.calibration import calibration_token_ids, sensitivity_token_ids, span_layer_runner
+from efedllm.compression.sensitivity import language_model_loss, output_sensitivities
 from efedllm.compression.perplexity import default_text_path, read_text, tokenize, windowed_perplexity
 from efedllm.compression.transfer import transfer_size
 from efedllm.models import load_client_parts, load_span
@@ -59,16 +62,16 @@ def _decode_step_ms(spans: dict, hidden_size: int) -> dict:
     return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
-def _ratio_row(ratio, client, body, spectra, calibration, token_ids, tokens, decode_span) -> dict:
+def _ratio_row(ratio, client, body, spectra, sensitivities, calibration, token_ids, tokens, decode_span) -> dict:
     hidden_size = client.config.hidden_size
     plain_body = copy.deepcopy(body)
     plain = compress_layers(plain_body.layers, CompressionConfig(ratio=ratio, method="plain", allocation="uniform"))
     plain_ppl = _perplexity(client, plain_body, token_ids, tokens)
     del plain_body
     white_body = copy.deepcopy(body)
-    config = CompressionConfig(ratio=ratio, method="whitened", allocation="global")
+    config = CompressionConfig(ratio=ratio, method="whitened", allocation="loss")
     started = time.perf_counter()
-    whitened = compress_layers(white_body.layers, config, calibration, span_layer_runner(white_body), spectra)
+    whitened = compress_layers(white_body.layers, config, calibration, span_layer_runner(white_body), spectra, sensitivities)
     compress_s = time.perf_counter() - started
     whitened_ppl = _perplexity(client, white_body, token_ids, tokens)
     transfer = transfer_size(white_body.layers[:DECODE_BLOCKS])
@@ -107,7 +110,7 @@ def _plot(rows: list[dict], baseline: float, path: Path) -> None:
     energy_axis.plot(ratios, [row["energy_whitened_alloc"] for row in rows], "s-", label="whitened, allocated ranks")
     energy_axis.set(xlabel="compression ratio C (eq. 10)", ylabel="mean retained energy (eq. 12)", title="Energy kept (paper Fig. 5)")
     ppl_axis.semilogy(ratios, [row["ppl_plain"] for row in rows], "o-", label="plain SVD")
-    ppl_axis.semilogy(ratios, [row["ppl_whitened"] for row in rows], "s-", label="whitened + global allocation")
+    ppl_axis.semilogy(ratios, [row["ppl_whitened"] for row in rows], "s-", label="whitened + loss-weighted allocation")
     ppl_axis.axhline(baseline, color="gray", linestyle="--", label=f"uncompressed ({baseline:.1f})")
     ppl_axis.set(xlabel="compression ratio C (eq. 10)", ylabel="WikiText-2 perplexity (log)", title="Perplexity (SmolLM2-135M)")
     for axis in (energy_axis, ppl_axis):
@@ -137,15 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         calibration = client.embed(calibration_token_ids(client.tokenizer, calibration_config))
     spectra = whitened_spectra(body.layers, calibration, span_layer_runner(body))
+    started = time.perf_counter()
+    modules = [module for layer in body.layers for module in projections(layer).values()]
+    windows = sensitivity_token_ids(client.tokenizer, calibration_config)
+    sensitivities = output_sensitivities(language_model_loss(client.embed, body, client.logits), modules, windows)
+    sensitivity_s = time.perf_counter() - started
     decode_span = load_span(MODEL, 0, DECODE_BLOCKS)
     print(f"uncompressed perplexity {baseline:.2f}", file=sys.stderr, flush=True)
     rows = []
     for ratio in args.ratios.split(","):
-        rows.append(_ratio_row(float(ratio), client, body, spectra, calibration, token_ids, args.tokens, decode_span))
+        rows.append(_ratio_row(float(ratio), client, body, spectra, sensitivities, calibration, token_ids, args.tokens, decode_span))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress: a long run shows each ratio as it ends
     _plot(rows, baseline, args.png)
     print(json.dumps({"benchmark": "svd", "model": MODEL, "tokens": args.tokens, "window": 1024, "ppl_uncompressed": round(baseline, 2),
-                      "calibration": "32x512 tokens after token 65536, seed 0", "rows": rows, "png": str(args.png)}))
+                      "calibration": "32x512 tokens after token 65536, seed 0", "allocation": "loss",
+                      "sensitivity": "8x512 tokens after token 65536, seed 1", "sensitivity_s": round(sensitivity_s, 1), "rows": rows, "png": str(args.png)}))
     return 0
 
 

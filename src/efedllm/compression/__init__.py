@@ -6,6 +6,8 @@ Modules (importing this package is cheap: nothing is imported here):
 - ``lowrank``: ``LowRankLinear``, a linear layer as two thin matmuls.
 - ``whitening``: activation-whitened truncation (SVD-LLM) from calibration Gram matrices.
 - ``allocation``: one global parameter budget split into per-matrix ranks (or dense).
+- ``sensitivity``: loss sensitivity of each projection's output, to weigh the allocation.
+- ``output_fit``: truncation fitted to the dense model's outputs (reduced-rank regression).
 - ``apply``: ``CompressionConfig`` and ``compress_layers`` (in place, with a report).
 - ``calibration``: calibration windows from text, layer runners, ``compress_span`` for a server.
 - ``transfer``: a span's weights packed as factors or dense, with byte counts (§4.2).

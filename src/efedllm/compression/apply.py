@@ -5,7 +5,9 @@ Call order of :func:`compress_layers` for the whitened method:
 1. *Spectra.* Calibration hidden states run through the original layers; a :class:`GramCollector`
    gathers each projection's input Gram matrix, giving each matrix's whitened singular values.
 2. *Ranks.* Eq. 15 per matrix (``allocation="uniform"``), or one global parameter budget
-   ``C · Σ m·n`` split by :func:`allocate_ranks` (``"global"``), which may keep some matrices dense;
+   ``C · Σ m·n`` split by :func:`allocate_ranks`, which may keep some matrices dense: matrices
+   weighed by relative output error (``"global"``) or by measured loss sensitivity (``"loss"``,
+   sensitivities passed in by the caller);
    the energy rule (eq. 12) applies to whitened energy, i.e. to the output on calibration inputs.
 3. *Sequential truncation.* Calibration runs again, now through the already-compressed layers:
    each layer's projections are whitened with Grams of the inputs they will really see, stage by
@@ -16,6 +18,7 @@ The plain method needs no calibration: eq. 15 (ratio) or eq. 12 (energy) on W's 
 
 from __future__ import annotations
 
+import copy
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +31,8 @@ from efedllm.compression.allocation import MatrixSpectrum, allocate_ranks, unifo
 from efedllm.compression.lowrank import LowRankLinear, cast_factors, linear_nbytes
 from efedllm.compression.rank import parameter_count, rank_for_energy
 from efedllm.compression.svd import SvdAlgorithm, singular_values
-from efedllm.compression.whitening import GramCollector, whitened_singular_values, whitened_svd, whitening_factor
+from efedllm.compression.output_fit import InputRecorder, output_fit_svd, paired_grams
+from efedllm.compression.whitening import GramCollector, whitened_singular_values, whitening_factor
 
 # (layer index, hidden [B, T, H]) -> hidden [B, T, H], running the span's layer i causally
 LayerRunner = Callable[[int, torch.Tensor], torch.Tensor]
@@ -49,7 +53,8 @@ class CompressionMethod(str, enum.Enum):
 
 class RankAllocation(str, enum.Enum):
     UNIFORM = "uniform"  # eq. 15 / eq. 12 per matrix
-    GLOBAL = "global"  # one parameter budget over the span (ratio only)
+    GLOBAL = "global"  # one parameter budget over the span (ratio only), matrices weighed by relative output error
+    LOSS = "loss"  # one parameter budget, matrices weighed by measured loss sensitivity (whitened, ratio only)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,12 @@ class CompressionConfig:
     ``calibration_length`` tokens from ``calibration_text`` (default: the shared WikiText-2 file),
     drawn with ``seed`` from the part of the text after ``calibration_offset`` tokens, so that
     they do not overlap the perplexity evaluation windows at the start of the file.
+
+    ``allocation="loss"`` weighs each matrix's whitened output error by its loss sensitivity,
+    measured on ``sensitivity_samples`` further windows (drawn with ``seed + 1``, same offset and
+    length; see :mod:`~efedllm.compression.sensitivity`). ``fit_dense_outputs`` fits each truncated
+    projection to the dense model's outputs instead of W's own output on the drifted inputs
+    (:mod:`~efedllm.compression.output_fit`); measured worse on SmolLM2-135M, so off by default.
     """
 
     ratio: float | None = None
@@ -69,11 +80,13 @@ class CompressionConfig:
     allocation: RankAllocation = RankAllocation.GLOBAL
     algorithm: SvdAlgorithm = SvdAlgorithm.EXACT
     allow_dense: bool = True
+    fit_dense_outputs: bool = False
     calibration_samples: int = 32
     calibration_length: int = 512
     calibration_offset: int = 65_536
     calibration_text: Path | None = None
     seed: int = 0
+    sensitivity_samples: int = 8
 
     def __post_init__(self) -> None:
         for name, enum_type in (("method", CompressionMethod), ("allocation", RankAllocation), ("algorithm", SvdAlgorithm)):
@@ -88,9 +101,11 @@ class CompressionConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-        if self.energy is not None and self.allocation is RankAllocation.GLOBAL:
+        if self.energy is not None and self.allocation is not RankAllocation.UNIFORM:
             object.__setattr__(self, "allocation", RankAllocation.UNIFORM)  # energy is a per-matrix rule
-        for name in ("calibration_samples", "calibration_length"):
+        if self.allocation is RankAllocation.LOSS and self.method is not CompressionMethod.WHITENED:
+            raise ValueError("allocation 'loss' weighs whitened output errors: it needs method 'whitened'")
+        for name in ("calibration_samples", "calibration_length", "sensitivity_samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.calibration_offset, int) or self.calibration_offset < 0:
@@ -106,8 +121,10 @@ class CompressionConfig:
         """What determines the compressed weights, for comparing two peers' settings (the text's path excluded)."""
         return {
             "ratio": self.ratio, "energy": self.energy, "method": self.method.value, "allocation": self.allocation.value,
-            "algorithm": self.algorithm.value, "allow_dense": self.allow_dense, "calibration_samples": self.calibration_samples,
+            "algorithm": self.algorithm.value, "allow_dense": self.allow_dense,
+            "fit_dense_outputs": self.fit_dense_outputs, "calibration_samples": self.calibration_samples,
             "calibration_length": self.calibration_length, "calibration_offset": self.calibration_offset, "seed": self.seed,
+            "sensitivity_samples": self.sensitivity_samples,
         }
 
 
@@ -180,18 +197,22 @@ def _energy(values: torch.Tensor, rank: int | None) -> float:
     return 1.0 if rank is None else float(squares[:rank].sum() / squares.sum().clamp_min(1e-300))
 
 
-def _plain_ranks(config: CompressionConfig, weights: list[torch.Tensor], spectra: list[torch.Tensor]) -> list[int | None]:
+def _plain_ranks(config: CompressionConfig, weights: list[torch.Tensor], spectra: list[torch.Tensor], sensitivities=None) -> list[int | None]:
     if config.energy is not None:
         return [rank_for_energy(values.tolist(), config.energy) for values in spectra]
-    if config.allocation is RankAllocation.GLOBAL:
+    if config.allocation is RankAllocation.LOSS and sensitivities is None:
+        raise ValueError("allocation 'loss' needs the projections' loss sensitivities (efedllm.compression.sensitivity)")
+    if config.allocation in (RankAllocation.GLOBAL, RankAllocation.LOSS):
         budget = config.ratio * sum(weight.numel() for weight in weights)
-        # loss weight 1 / Σσ²: each matrix's dropped share of its own output energy (relative error)
-        problems = [
-            MatrixSpectrum(*weight.shape, values, 1.0 / float((values.double() ** 2).sum().clamp_min(1e-300)))
-            for weight, values in zip(weights, spectra)
-        ]
+        loss_weights = sensitivities if config.allocation is RankAllocation.LOSS else [allocation_weight(values) for values in spectra]
+        problems = [MatrixSpectrum(*weight.shape, values, float(w)) for weight, values, w in zip(weights, spectra, loss_weights)]
         return allocate_ranks(problems, budget, config.allow_dense)
     return uniform_ranks([tuple(weight.shape) for weight in weights], config.ratio)
+
+
+def allocation_weight(values: torch.Tensor) -> float:
+    """Loss weight of a matrix in :func:`allocate_ranks`: 1 / Σσ², its dropped share of its own output energy."""
+    return 1.0 / float((values.double() ** 2).sum().clamp_min(1e-300))
 
 
 def whitened_spectra(layers: nn.ModuleList, hidden: torch.Tensor, run_layer: LayerRunner) -> list[torch.Tensor]:
@@ -220,6 +241,7 @@ def compress_layers(
     calibration_hidden: torch.Tensor | None = None,
     run_layer: LayerRunner | None = None,
     spectra: list[torch.Tensor] | None = None,
+    sensitivities: list[float] | None = None,
 ) -> CompressionReport:
     """Replace every projection of ``layers`` by a :class:`LowRankLinear` (or keep it dense), in place.
 
@@ -240,7 +262,9 @@ def compress_layers(
     whitened = spectra if spectra is not None else whitened_spectra(layers, calibration_hidden, run_layer)
     if len(whitened) != len(modules):
         raise ValueError(f"got {len(whitened)} spectra for {len(modules)} projections")
-    ranks = _plain_ranks(config, weights, whitened)
+    if sensitivities is not None and len(sensitivities) != len(modules):
+        raise ValueError(f"got {len(sensitivities)} sensitivities for {len(modules)} projections")
+    ranks = _plain_ranks(config, weights, whitened, sensitivities)
     reports = _compress_sequentially(layers, config, ranks, calibration_hidden, run_layer)
     reports = [
         MatrixReport(r.layer, r.name, r.shape, r.rank, _energy(plain, r.rank), _energy(white, r.rank), r.parameters, r.nbytes)
@@ -277,29 +301,60 @@ def _compress_plain(layers, config, ranks, spectra) -> list[MatrixReport]:
 
 
 def _compress_sequentially(layers, config, ranks, hidden, run_layer) -> list[MatrixReport]:
-    """Pass 3: per layer and stage, whiten with the inputs produced by the already-compressed model."""
-    reports, rank_of = [], iter(ranks)
+    """Pass 3: per layer and stage, fit the projections on the inputs produced by the already-compressed model.
+
+    With ``fit_dense_outputs`` the target is the dense layer's output on the dense model's inputs
+    (:mod:`~efedllm.compression.output_fit`); otherwise it is W's own output on the compressed inputs
+    (plain whitening). The dense layer is a copy run in the layer's slot, so ``run_layer`` must read
+    ``layers[i]`` at call time (both runners in ``calibration`` do).
+    """
+    reports, rank_of, dense_hidden = [], iter(ranks), hidden
     for index, layer in enumerate(layers):
         layer_ranks = {name: next(rank_of) for name in projections(layer)}
+        dense_inputs, dense_output = _dense_inputs(layers, index, dense_hidden, run_layer) if config.fit_dense_outputs else (None, None)
         for stage in PROJECTION_STAGES:
             stage_modules = {name: layer.get_submodule(name) for name in stage if layer_ranks[name] is not None}
-            if not stage_modules:
-                for name in stage:
-                    module = layer.get_submodule(name)
-                    reports.append(_report(index, name, module, None, tuple(module.weight.shape)))
-                continue
-            collector = GramCollector(stage_modules)
-            with torch.no_grad():
-                run_layer(index, hidden)
-            grams = collector.close()
+            inputs = _record_inputs(stage_modules, index, hidden, run_layer) if stage_modules else {}
             for name in stage:
                 module = layer.get_submodule(name)
                 shape = tuple(module.weight.shape)
                 if layer_ranks[name] is not None:
-                    factors = whitened_svd(module.weight.detach(), whitening_factor(grams[name]), layer_ranks[name], config.algorithm)
-                    module = LowRankLinear(cast_factors(factors, module.weight.dtype), module.bias)
+                    reference = inputs[name] if dense_inputs is None else dense_inputs[name]
+                    module = _fitted(module, inputs[name], reference, layer_ranks[name], config.algorithm)
                     _replace(layer, name, module)
                 reports.append(_report(index, name, module, layer_ranks[name], shape))
         with torch.no_grad():
             hidden = run_layer(index, hidden)
+        dense_hidden = hidden if dense_output is None else dense_output
     return reports
+
+
+def _record_inputs(modules: dict[str, nn.Module], index: int, hidden: torch.Tensor, run_layer: LayerRunner) -> dict[str, torch.Tensor]:
+    recorder = InputRecorder(modules)
+    try:
+        with torch.no_grad():
+            run_layer(index, hidden)
+    finally:
+        inputs = recorder.close()
+    return inputs
+
+
+def _dense_inputs(layers: nn.ModuleList, index: int, hidden: torch.Tensor, run_layer: LayerRunner) -> tuple[dict, torch.Tensor]:
+    """Every projection's inputs and the output of a dense copy of layer ``index`` run on the dense model's hidden states."""
+    original = layers[index]
+    dense = copy.deepcopy(original)
+    layers[index] = dense
+    recorder = InputRecorder(projections(dense))
+    try:
+        with torch.no_grad():
+            output = run_layer(index, hidden)
+    finally:
+        inputs = recorder.close()
+        layers[index] = original
+    return inputs, output
+
+
+def _fitted(module: nn.Linear, inputs: torch.Tensor, reference: torch.Tensor, rank: int, algorithm: SvdAlgorithm) -> LowRankLinear:
+    gram, cross = paired_grams(inputs, reference)
+    factors = output_fit_svd(module.weight.detach(), whitening_factor(gram), cross, rank, algorithm)
+    return LowRankLinear(cast_factors(factors, module.weight.dtype), module.bias)

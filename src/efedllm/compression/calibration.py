@@ -109,7 +109,34 @@ def compress_span(span_model, model: str, config):
     """
     from efedllm.compression.apply import compress_layers
 
+    from efedllm.compression.apply import RankAllocation
+
     if not config.needs_calibration:
         return compress_layers(span_model.layers, config)
+    sensitivities = span_sensitivities(model, span_model.span, config) if config.allocation is RankAllocation.LOSS else None
     hidden = span_calibration_inputs(model, span_model.span.start, config)
-    return compress_layers(span_model.layers, config, hidden, span_layer_runner(span_model))
+    return compress_layers(span_model.layers, config, hidden, span_layer_runner(span_model), sensitivities=sensitivities)
+
+
+def sensitivity_token_ids(tokenizer, config) -> torch.Tensor:
+    """The loss-sensitivity windows [sensitivity_samples, length]: like the calibration ones, drawn with ``seed + 1``."""
+    from dataclasses import replace
+
+    return calibration_token_ids(tokenizer, replace(config, calibration_samples=config.sensitivity_samples, seed=config.seed + 1))
+
+
+def span_sensitivities(model: str, span, config) -> list[float]:
+    """Loss sensitivities of the projections of blocks ``span.start..span.end-1`` (layer, then stage order).
+
+    The language-model loss needs the whole model: like :func:`span_calibration_inputs` for the
+    prefix, a server loads the *dense* model for the purpose and drops it afterwards.
+    """
+    from efedllm.compression.apply import projections
+    from efedllm.compression.sensitivity import language_model_loss, output_sensitivities
+    from efedllm.models import load_client_parts, load_span
+
+    client = load_client_parts(model)
+    body = load_span(model, 0, client.config.num_hidden_layers)
+    modules = [module for layer in body.layers[span.start : span.end] for module in projections(layer).values()]
+    windows = sensitivity_token_ids(client.tokenizer, config)
+    return output_sensitivities(language_model_loss(client.embed, body, client.logits), modules, windows)

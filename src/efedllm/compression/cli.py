@@ -21,8 +21,9 @@ def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
         "--svd-method", choices=("plain", "whitened"), default="whitened", help="plain SVD or activation-whitened SVD (default)"
     )
     group.add_argument(
-        "--svd-allocation", choices=("global", "uniform"), default="global",
-        help="with --svd-ratio: one parameter budget over the span (default) or eq. 15 per matrix",
+        "--svd-allocation", choices=("global", "loss", "uniform"), default="global",
+        help="with --svd-ratio: one parameter budget over the span, matrices weighed by relative output error (default) "
+        "or by measured loss sensitivity (loss: best perplexity, one backward pass through the dense model), or eq. 15 per matrix",
     )
     group.add_argument("--svd-algorithm", choices=("exact", "randomized"), default="exact")
     group.add_argument("--calibration-text", type=Path, help="text for whitening calibration (default: ../shared/data/wikitext2-test.raw)")
