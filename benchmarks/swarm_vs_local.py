@@ -6,7 +6,11 @@ Swarm modes: ``chained`` (the default: each server forwards to the next, the las
 client), ``chained_answer_along_chain`` (the answer returns hop by hop, the paper's plain chain) and
 ``relayed`` (the client sends every hop, Petals' way).
 
-Usage: python benchmarks/swarm_vs_local.py [--skip-perplexity]
+Each server computes with ``--server-threads`` torch threads (default: this machine's cores, as the
+local pipeline does: in a chain one server computes at a time, and in a federation each has its own
+machine).
+
+Usage: python benchmarks/swarm_vs_local.py [--skip-perplexity] [--server-threads N]
 """
 
 from __future__ import annotations
@@ -81,13 +85,14 @@ MODES = {"chained": RemoteClientConfig(), "chained_answer_along_chain": RemoteCl
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-perplexity", action="store_true", help="leave out the wire formats' perplexity")
+    parser.add_argument("--server-threads", type=int, default=torch.get_num_threads(), help="torch threads per server")
     args = parser.parse_args()
     local = LocalModelForCausalLM.load(MODEL, parse_spans("0:10,10:20,20:30"))
     input_ids = local.encode_prompt(PROMPT)
     with LocalSwarm(MODEL) as swarm:
         swarm.start_bootstrap()
         for blocks in ("0:10", "10:20", "20:30"):
-            swarm.start_server(blocks, extra=["--no-rebalance"])
+            swarm.start_server(blocks, extra=["--no-rebalance", "--torch-threads", str(args.server_threads)])
         swarm.wait_until_online(3)
         remote = {name: DistributedModelForCausalLM.from_pretrained(MODEL, swarm.initial_peers, config)
                   for name, config in MODES.items()}
@@ -103,7 +108,8 @@ def main() -> None:
     one_token = torch.randn(1, 1, 576)
     bytes_per_hop = {fmt: wire.wire_bytes(wire.encode_hidden(one_token, fmt)) for fmt in wire.WIRE_FORMATS}
     print(json.dumps({
-        "benchmark": "swarm_vs_local", "servers": 3, "new_tokens": TOKENS,
+        "benchmark": "swarm_vs_local", "servers": 3, "new_tokens": TOKENS, "server_torch_threads": args.server_threads,
+        "local_torch_threads": torch.get_num_threads(),
         "local_tokens_per_s": local_result["tokens_per_s"],
         "chained_tokens_per_s": results["chained"]["tokens_per_s"],
         "relayed_tokens_per_s": results["relayed"]["tokens_per_s"],
