@@ -27,6 +27,10 @@ from efedllm.models.sessions import SpanInputError, SpanSessions
 from efedllm.records import DeliveredStep, OpenSessionRequest, RecordError, StepRequest, WeightsRequest
 
 logger = logging.getLogger(__name__)
+# Steps of at most this many tokens run on the event loop: for a decode step the hand-off to the
+# compute thread and back measured ~1.8 ms per hop, and the 3-server swarm went from 0.69 to 0.82 of
+# local tokens/s (benchmarks/swarm_vs_local.py). Longer steps (prefills, probes) keep the loop free.
+INLINE_STEP_TOKENS = 1
 FORWARD_TIMEOUT = 20.0  # below the client's default request timeout, so a stalled hop is reported first
 
 
@@ -78,7 +82,10 @@ class SpanServicer(ServicerBase):
             delay = self.fault.delay_seconds() if self.fault is not None else 0.0
             if delay > 0:
                 await asyncio.sleep(delay)
-            outputs = await self.compute(self._run_step, step, hidden)
+            if hidden.shape[1] <= INLINE_STEP_TOKENS:
+                outputs = self._run_step(step, hidden)  # a decode step: the thread hand-off costs more than it runs
+            else:
+                outputs = await self.compute(self._run_step, step, hidden)
         except (RecordError, SpanInputError) as error:
             return wire.error_response(str(error))
         self.last_used[step.session_id] = time.monotonic()
