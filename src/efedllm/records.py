@@ -248,9 +248,10 @@ def _check_session_id(value: Any) -> str:
 class Delivery:
     """Where the last hop of a chain sends a step's output: the requesting peer and its step id.
 
-    With a delivery, every hop acknowledges its caller as soon as it has computed and handed its
+    With a delivery, every hop acknowledges a valid request at once, then computes and hands its
     output on, and the last hop calls the requester's ``rpc_deliver``
     (:class:`efedllm.delivery.DeliveryServicer`): the answer does not travel back along the chain.
+    A hop that fails after its acknowledgement reports the error there, naming the peer to blame.
     """
 
     peer_id: str

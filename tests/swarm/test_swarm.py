@@ -11,7 +11,7 @@ import torch
 from efedllm import wire
 from efedllm.client.remote import DistributedModelForCausalLM, RemoteClientConfig
 from efedllm.client.sampling import GenerationConfig
-from efedllm.records import OpenSessionRequest, ServerState, Span, StepRequest
+from efedllm.records import Delivery, OpenSessionRequest, ServerState, Span, StepRequest
 from efedllm.server.swarm import peer_id_of
 
 pytestmark = pytest.mark.swarm
@@ -67,6 +67,24 @@ def _call(model, peer_id, method, metadata, tensors=()):
     return wire.unpack_metadata(answer.metadata), answer
 
 
+def _delivered_step_error(model, peer_id, step: StepRequest, tensors):
+    """A step with direct delivery is acknowledged before it computes: a failure arrives by delivery."""
+    step_id = "bad-delivered-step"
+    delivered = StepRequest(step.session_id, step.span, step.position, step.wire_format, (), Delivery(model.peer_id, step_id))
+    model.run(_async(model.delivery.expect, step_id, (peer_id,)))
+    try:
+        reply, _ = _call(model, peer_id, "rpc_step", delivered.to_wire(), tensors)
+        assert reply["ok"], reply
+        report, _ = model.run(model.delivery.wait(step_id, 30.0))
+    finally:
+        model.run(_async(model.delivery.forget, step_id))
+    return report
+
+
+async def _async(function, *args):
+    return function(*args)  # DeliveryServicer.expect needs the client's event loop
+
+
 def test_bad_requests_get_errors_and_server_keeps_serving(swarm, remote_model, local_pipeline):
     peer = next(info.peer_id for info in remote_model.servers.values() if info.span == Span(0, 10))
     hidden = torch.randn(1, 2, 576)
@@ -88,6 +106,9 @@ def test_bad_requests_get_errors_and_server_keeps_serving(swarm, remote_model, l
         assert not reply["ok"] and expected_message in reply["error"], (expected_message, reply)
     oversized = _call(remote_model, peer, "rpc_open_session", {**good_open, "session_id": "x" * 1000})[0]
     assert not oversized["ok"] and "longer than" in oversized["error"]
+    delivered_error = _delivered_step_error(remote_model, peer, StepRequest("bad-inputs", Span(0, 10), 0),
+                                            wire.encode_hidden(torch.randn(1, 9, 576), "float32"))
+    assert "max_length" in delivered_error.error and delivered_error.failed_peer == peer, delivered_error
     garbage = remote_model.run(remote_model.stub(peer).stub.rpc_step(
         wire.runtime_pb2.ExpertRequest(metadata=b"\xc1\xff not msgpack")))
     assert "msgpack" in wire.unpack_metadata(garbage.metadata)["error"]

@@ -4,9 +4,10 @@ Call order for a session: ``rpc_open_session`` (on every hop), ``rpc_step`` (man
 ``rpc_close_session``. ``rpc_span_weights`` streams this server's weights to a joining server
 (:mod:`efedllm.server.weights`). A step with ``next_hops`` is forwarded by this server straight to the
 next hop; no hop returns through the client. With ``deliver_to`` (what clients send) each hop
-acknowledges its caller once it has handed its output on, and the last hop sends the output
-straight to the requester (:mod:`efedllm.delivery`), so the answer does not travel back along the
-chain; a hop that cannot hand on reports the failed peer to the requester the same way. Without
+acknowledges a valid request at once, then computes and hands its output on, and the last hop
+sends the output straight to the requester (:mod:`efedllm.delivery`), so the answer does not
+travel back along the chain and no acknowledgement is in flight while a hidden state is; a hop that
+fails (or whose next hop fails) reports the peer to blame to the requester the same way. Without
 it the chain's answer comes back hop by hop. Every request is validated; an error answers that
 request only and names what was wrong, or which downstream peer failed.
 """
@@ -79,20 +80,12 @@ class SpanServicer(ServicerBase):
             if step.span != session.blocks:
                 raise RecordError(f"step for blocks {step.span} sent to a session of blocks {session.blocks}")
             hidden = wire.decode_hidden(request.tensors, step.wire_format, self.sessions.model.dtype)
-            delay = self.fault.delay_seconds() if self.fault is not None else 0.0
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if hidden.shape[1] <= INLINE_STEP_TOKENS:
-                outputs = self._run_step(step, hidden)  # a decode step: the thread hand-off costs more than it runs
-            else:
-                outputs = await self.compute(self._run_step, step, hidden)
+            if step.deliver_to is not None:
+                self._start_hand_on(self._compute_and_hand_on(step, hidden))
+                return wire.response({"ok": True})  # queued before the task computes: the caller is free at once
+            tensors = await self._compute_step(step, hidden)
         except (RecordError, SpanInputError) as error:
             return wire.error_response(str(error))
-        self.last_used[step.session_id] = time.monotonic()
-        self.steps_served += 1
-        tensors = wire.encode_hidden(outputs, step.wire_format)
-        if step.deliver_to is not None:
-            return await self._hand_on(step, tensors)
         if not step.next_hops:
             return wire.response({"ok": True}, tensors)
         return await self._forward(step, tensors)
@@ -112,6 +105,19 @@ class SpanServicer(ServicerBase):
         for message in weights_messages(header, payload):
             yield message
 
+    async def _compute_step(self, step: StepRequest, hidden) -> list:
+        """The step's output tensors, encoded for the wire."""
+        delay = self.fault.delay_seconds() if self.fault is not None else 0.0
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if hidden.shape[1] <= INLINE_STEP_TOKENS:
+            outputs = self._run_step(step, hidden)  # a decode step: the thread hand-off costs more than it runs
+        else:
+            outputs = await self.compute(self._run_step, step, hidden)
+        self.last_used[step.session_id] = time.monotonic()
+        self.steps_served += 1
+        return wire.encode_hidden(outputs, step.wire_format)
+
     def _run_step(self, step: StepRequest, hidden):
         outputs = self.sessions.step(step.session_id, hidden, step.position)
         if self.fault is not None:
@@ -120,6 +126,11 @@ class SpanServicer(ServicerBase):
 
     async def _forward(self, step: StepRequest, tensors) -> runtime_pb2.ExpertResponse:
         """Sends the step on; the answer, or an error response naming the hop that failed."""
+        answer, error, failed_peer = await self._call_next_hop(step, tensors)
+        return answer if answer is not None else wire.error_response(error, failed_peer=failed_peer)
+
+    async def _call_next_hop(self, step: StepRequest, tensors) -> tuple[runtime_pb2.ExpertResponse | None, str, str]:
+        """(the next hop's answer, "", "") when it accepted the step, else (None, error, peer to blame)."""
         next_hop, rest = step.next_hops[0], step.next_hops[1:]
         forwarded = StepRequest(next_hop.session_id, next_hop.span, step.position, step.wire_format, rest,
                                 step.deliver_to)
@@ -129,36 +140,46 @@ class SpanServicer(ServicerBase):
             reply = wire.unpack_metadata(answer.metadata)
         except Exception as error:
             logger.info("forwarding to %s failed: %r", next_hop.peer_id, error)
-            return wire.error_response(f"next hop {next_hop.peer_id} failed: {error!r}", failed_peer=next_hop.peer_id)
-        if reply.get("ok") or reply.get("failed_peer"):
-            return answer
-        return wire.error_response(f"next hop {next_hop.peer_id}: {reply.get('error')}", failed_peer=next_hop.peer_id)
+            return None, f"next hop {next_hop.peer_id} failed: {error!r}", next_hop.peer_id
+        if reply.get("ok"):
+            return answer, "", ""
+        if reply.get("failed_peer"):  # a hop further down failed and is named: pass the answer up as it is
+            return answer, str(reply.get("error")), str(reply["failed_peer"])
+        return None, f"next hop {next_hop.peer_id}: {reply.get('error')}", next_hop.peer_id
 
-    async def _hand_on(self, step: StepRequest, tensors) -> runtime_pb2.ExpertResponse:
-        """Delivered steps: the last hop delivers before acknowledging; others acknowledge while forwarding."""
-        if not step.next_hops:
-            try:
-                await deliver(self.p2p, step.deliver_to.peer_id, DeliveredStep(step.deliver_to.step_id), tensors)
-            except Exception as error:
-                logger.info("delivery to %s failed: %r", step.deliver_to.peer_id, error)
-                return wire.error_response(f"delivery to {step.deliver_to.peer_id} failed: {error!r}")
-            return wire.response({"ok": True})
-        task = asyncio.create_task(self._forward_or_report(step, tensors))
+    def _start_hand_on(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
         self._hand_ons.add(task)
         task.add_done_callback(self._hand_ons.discard)
-        await asyncio.sleep(0)  # let the forward start before the acknowledgement is written
-        return wire.response({"ok": True})
 
-    async def _forward_or_report(self, step: StepRequest, tensors) -> None:
-        answer = wire.unpack_metadata((await self._forward(step, tensors)).metadata)
-        if answer.get("ok"):
+    async def _compute_and_hand_on(self, step: StepRequest, hidden) -> None:
+        """A delivered step after its acknowledgement: compute, then forward it or, on the last hop,
+        deliver the output; a failure is reported to the requester, naming the hop to blame."""
+        for _ in range(2):
+            await asyncio.sleep(0)  # let the acknowledgement be written first (hivemind queues it to a writer task)
+        try:
+            tensors = await self._compute_step(step, hidden)
+        except Exception as error:  # the caller was answered already: the requester must hear of it
+            if not isinstance(error, SpanInputError):
+                logger.exception("step of session %s failed", step.session_id)
+            await self._report(step, f"{type(error).__name__}: {error}", self.p2p.peer_id.to_base58())
             return
-        report = DeliveredStep(step.deliver_to.step_id, str(answer.get("error"))[:4096],
-                               answer.get("failed_peer") or step.next_hops[0].peer_id)
+        if step.next_hops:
+            _, error, failed_peer = await self._call_next_hop(step, tensors)
+            if failed_peer:
+                await self._report(step, error, failed_peer)
+            return
+        try:
+            await deliver(self.p2p, step.deliver_to.peer_id, DeliveredStep(step.deliver_to.step_id), tensors)
+        except Exception as error:
+            logger.info("delivery to %s failed: %r", step.deliver_to.peer_id, error)
+
+    async def _report(self, step: StepRequest, error: str, failed_peer: str) -> None:
+        report = DeliveredStep(step.deliver_to.step_id, error[:4096], failed_peer)
         try:
             await deliver(self.p2p, step.deliver_to.peer_id, report)
-        except Exception as error:
-            logger.info("could not report a failed hop to %s: %r", step.deliver_to.peer_id, error)
+        except Exception as delivery_error:
+            logger.info("could not report a failed hop to %s: %r", step.deliver_to.peer_id, delivery_error)
 
     async def cancel_hand_ons(self) -> None:
         for task in list(self._hand_ons):

@@ -51,6 +51,14 @@ def peer_id_of(server: ServerProcess) -> str | None:
     return None
 
 
+def server_environment(environment) -> dict:
+    """The environment of a server started beside others on this machine. Idle OpenMP workers sleep
+    at once (``OMP_WAIT_POLICY=PASSIVE``, unless set): by default each spins after every parallel
+    region and takes a core from the server computing next; a 3-server chain measured 0.72 -> 0.83
+    of local tokens/s. A server alone on its machine keeps the default."""
+    return {"OMP_WAIT_POLICY": "PASSIVE", **environment, "HF_HUB_OFFLINE": "1"}
+
+
 class LocalSwarm:
     def __init__(self, model: str = "smollm2-135m", log_dir: str | None = None) -> None:
         self.model = model
@@ -78,7 +86,7 @@ class LocalSwarm:
         with open(log_path, "w") as log:
             # own process group: stopping a server also stops its p2p daemon, as if the machine died
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                       env=server_environment(os.environ))
         server = ServerProcess(blocks or f"auto:{num_blocks}", process, log_path, list(extra))
         self.servers.append(server)
         return server
@@ -108,8 +116,12 @@ class LocalSwarm:
         raise TimeoutError(f"only some of {count} servers came online in {timeout} s")
 
     def kill(self, server: ServerProcess, sig: int = signal.SIGKILL) -> None:
-        """Signal a server's whole process group (the server and its p2p daemon)."""
-        _signal_group(server.process, sig)
+        """SIGKILL: the server's whole process group (it and its p2p daemon, as if the machine died);
+        any other signal: the server alone, which then leaves cleanly through its own DHT child."""
+        if sig == signal.SIGKILL:
+            _signal_group(server.process, sig)
+        else:
+            server.process.send_signal(sig)
         server.process.wait(timeout=30)
 
     def shutdown(self, grace: float = 10.0) -> None:
