@@ -10,6 +10,9 @@ whitened output error weighed by its measured loss sensitivity, from one backwar
 tokens drawn with seed 1), sequential calibration on 32 × 512 tokens drawn (seed 0); all windows
 come from after token 65,536 of the same file (disjoint from the evaluation tokens).
 Decode step: one token with a 128-token KV cache through a 10-block span, dense vs eq. 15 low-rank.
+Transfer: the bytes ``--weights-from`` would send for blocks 0-9 against dense, both for those blocks
+of the whole-model allocation (``transfer_ratio``: the allocation gives early blocks more than C)
+and for the span compressed on its own at C, as a server does (``transfer_ratio_span_compressed_alone``).
 
 Usage: python benchmarks/svd.py [--ratios 0.9,0.8,0.7,0.6] [--tokens 8192] [--png PATH]
 """
@@ -93,6 +96,7 @@ def _ratio_row(ratio, client, body, spectra, sensitivities, calibration, token_i
         "transfer_bytes_10_blocks": transfer.payload_bytes,
         "transfer_dense_bytes_10_blocks": transfer.dense_bytes,
         "transfer_ratio": round(transfer.ratio, 4),
+        "transfer_ratio_span_compressed_alone": round(transfer_size(uniform_span.layers).ratio, 4),
         **{f"decode_ms_{name}": round(value, 3) for name, value in _decode_step_ms(
             {"dense": decode_span, "lowrank_uniform": uniform_span, "lowrank_allocated": allocated_span}, hidden_size).items()},
     }
