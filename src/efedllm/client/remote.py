@@ -281,6 +281,9 @@ class DistributedModelForCausalLM(CausalLMClient):
         self.delivery = DeliveryServicer()
         self.run(self.delivery.start(self.p2p))
         self.wait_for_coverage(self.config.discovery_timeout)
+        # a just-joined DHT node's first reads can miss some servers' records (seen in the local-swarm
+        # tests: a server the swarm saw online was absent): the first session reads them again
+        self._view_read_at = None
 
     def shutdown(self) -> None:
         if getattr(self, "_loop", None) is not None:
