@@ -116,8 +116,8 @@ def _stop_faulty(swarm: LocalSwarm, started: dict) -> None:
 
     faulty = {peer_id_of(server) for name, server in started.items() if name in FAULTS}
     for name, server in started.items():
-        if name in FAULTS:  # the server alone: it announces itself offline through its own DHT child
-            server.process.send_signal(signal.SIGTERM)
+        if name in FAULTS:  # all at once, without waiting: each announces itself offline as it leaves
+            swarm.send_signal(server, signal.SIGTERM)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         online = {peer for peer, info in swarm.server_records()[0].items() if info.state is ServerState.ONLINE}

@@ -8,7 +8,6 @@ announces itself offline and leaves.
 from __future__ import annotations
 
 import asyncio
-import gc
 import concurrent.futures
 import logging
 import signal
@@ -102,8 +101,6 @@ class Server:
         compression = self.config.compression.signature() if self.config.compression else None
         self.servicer = SpanServicer(self.sessions, self.p2p, self._compute, fault, self.config.wire_formats, compression)
         await self.servicer.add_p2p_handlers(self.p2p)
-        gc.collect()
-        gc.freeze()  # the loaded model's objects stay out of later collections, which otherwise stall steps
         self._announce(ServerState.ONLINE)
 
     def _load_span_model(self, span: Span):

@@ -115,13 +115,17 @@ class LocalSwarm:
             time.sleep(0.5)
         raise TimeoutError(f"only some of {count} servers came online in {timeout} s")
 
-    def kill(self, server: ServerProcess, sig: int = signal.SIGKILL) -> None:
+    def send_signal(self, server: ServerProcess, sig: int) -> None:
         """SIGKILL: the server's whole process group (it and its p2p daemon, as if the machine died);
         any other signal: the server alone, which then leaves cleanly through its own DHT child."""
         if sig == signal.SIGKILL:
             _signal_group(server.process, sig)
         else:
             server.process.send_signal(sig)
+
+    def kill(self, server: ServerProcess, sig: int = signal.SIGKILL) -> None:
+        """:meth:`send_signal`, then wait for the server to exit."""
+        self.send_signal(server, sig)
         server.process.wait(timeout=30)
 
     def shutdown(self, grace: float = 10.0) -> None:
