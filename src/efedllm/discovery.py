@@ -29,15 +29,15 @@ def server_subkey(peer_id: str, validator: RSASignatureValidator) -> bytes:
     return peer_id.encode() + validator.local_public_key
 
 
-def announce(dht: DHT, validator: RSASignatureValidator, info: ServerInfo, ttl: float) -> None:
+def announce(dht: DHT, validator: RSASignatureValidator, info: ServerInfo, ttl: float) -> int:
+    """Store ``info`` under every block it hosts; return how many block keys no DHT node accepted."""
     expiration = get_dht_time() + ttl
     subkey = server_subkey(info.peer_id, validator)
     futures = [
         dht.store(block_key(info.model, block), info.to_wire(), expiration, subkey=subkey, return_future=True)
         for block in range(info.span.start, info.span.end)
     ]
-    for future in futures:
-        future.result(timeout=30)
+    return sum(1 for future in futures if not future.result(timeout=30))
 
 
 def _parse_entry(subkey, value) -> ServerInfo:

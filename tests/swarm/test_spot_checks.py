@@ -2,10 +2,13 @@
 
 Four servers start together: a whole-model one, a head 0:15 and two tails 15:30, one honest and
 one adding noise. Each client bans one of the tails, so its two disjoint chains are the whole
-server and head + the other tail.
+server and head + the other tail. The cheapest chain can be "whole server for blocks 0:15, then a
+tail", which leaves no disjoint second chain: a client with spot checks on must not choose it.
 """
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 
@@ -34,7 +37,8 @@ def _seen(model) -> dict:
     return {peer: (info.state.value, str(info.span), info.free_cache_tokens) for peer, info in model.servers.items()}
 
 
-def test_spot_checks_pass_on_honest_chains_and_report_a_faulty_one(local_pipeline):
+def test_spot_checks_pass_on_honest_chains_and_report_a_faulty_one(local_pipeline, caplog):
+    caplog.set_level(logging.INFO, logger="efedllm.client")  # a failure shows why checks were skipped
     with LocalSwarm("smollm2-135m") as swarm:
         swarm.start_bootstrap()
         whole = swarm.start_server("0:30", extra=["--no-rebalance"])

@@ -23,7 +23,7 @@ import torch
 
 from efedllm import wire
 from efedllm.client.generation import CausalLMClient
-from efedllm.client.routing import MissingBlocksError, RouteHop, choose_route
+from efedllm.client.routing import MissingBlocksError, RouteHop, choose_checkable_route, choose_route
 from efedllm.delivery import DeliveryServicer
 from efedllm.records import Delivery, Hop, OpenSessionRequest, StepRequest
 
@@ -115,7 +115,7 @@ class RemoteInferenceSession:
         self._relay_next_step = False  # after a failure no hop could be blamed for: find the culprit
 
     async def open(self, excluded: set[str]) -> None:
-        await self.open_route(self.model.find_route(excluded, self.max_length))
+        await self.open_route(self.model.find_session_route(excluded, self.max_length))
 
     async def open_route(self, route: list[RouteHop]) -> None:
         """Open a session on every hop of ``route``; ``close()`` closes them, also after a failure here."""
@@ -281,9 +281,6 @@ class DistributedModelForCausalLM(CausalLMClient):
         self.delivery = DeliveryServicer()
         self.run(self.delivery.start(self.p2p))
         self.wait_for_coverage(self.config.discovery_timeout)
-        # a just-joined DHT node's first reads can miss some servers' records (seen in the local-swarm
-        # tests: a server the swarm saw online was absent): the first session reads them again
-        self._view_read_at = None
 
     def shutdown(self) -> None:
         if getattr(self, "_loop", None) is not None:
@@ -333,6 +330,13 @@ class DistributedModelForCausalLM(CausalLMClient):
     def find_route(self, excluded: set[str], max_length: int = 0) -> list[RouteHop]:
         excluded = set(excluded) | self.deactivated_peers()
         return choose_route(list(self.servers.values()), self.num_blocks, self.rtt, excluded, max_length)
+
+    def find_session_route(self, excluded: set[str], max_length: int) -> list[RouteHop]:
+        """A session's chain: with spot checks on, the cheapest that leaves a disjoint second chain."""
+        if self.config.verify_fraction <= 0:
+            return self.find_route(excluded, max_length)
+        excluded = set(excluded) | self.deactivated_peers()
+        return choose_checkable_route(list(self.servers.values()), self.num_blocks, self.rtt, excluded, max_length)
 
     def wait_for_coverage(self, timeout: float) -> list[RouteHop]:
         deadline = time.monotonic() + timeout

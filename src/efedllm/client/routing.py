@@ -76,3 +76,44 @@ def choose_route(
         covered = {block for info in candidates for block in range(info.span.start, info.span.end)}
         raise MissingBlocksError([block for block in range(num_blocks) if block not in covered] or [num_blocks - 1])
     return best[num_blocks][1]
+
+
+def route_cost(route: list[RouteHop], servers: list[ServerInfo], rtt: dict[str, float] | None = None) -> float:
+    by_peer = {info.peer_id: info for info in servers}
+    return sum(hop_cost(by_peer[hop.peer_id], hop.blocks, rtt or {}) for hop in route)
+
+
+def choose_checkable_route(
+    servers: list[ServerInfo],
+    num_blocks: int,
+    rtt: dict[str, float] | None = None,
+    excluded: set[str] = frozenset(),
+    min_free_tokens: int = 0,
+) -> list[RouteHop]:
+    """The cheapest chain that leaves a second chain sharing none of its servers, for client spot
+    checks; the cheapest chain when no such pair is found.
+
+    The plain cheapest chain can take a server's part of a span and so use up both disjoint chains
+    a swarm has (a whole-model server for blocks 0:15, then a tail): every spot check would then be
+    skipped. Candidates are the cheapest chain and the cheapest chains without one of its servers.
+    """
+    def route(without: set[str]) -> list[RouteHop]:
+        return choose_route(servers, num_blocks, rtt, set(excluded) | without, min_free_tokens)
+
+    cheapest = route(set())
+    candidates = [cheapest]
+    for peer_id in dict.fromkeys(hop.peer_id for hop in cheapest):
+        try:
+            candidates.append(route({peer_id}))
+        except MissingBlocksError:
+            continue
+    checkable = [candidate for candidate in candidates if _has_disjoint_route(route, candidate)]
+    return min(checkable, key=lambda candidate: route_cost(candidate, servers, rtt)) if checkable else cheapest
+
+
+def _has_disjoint_route(route, primary: list[RouteHop]) -> bool:
+    try:
+        route({hop.peer_id for hop in primary})
+        return True
+    except MissingBlocksError:
+        return False

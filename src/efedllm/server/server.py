@@ -167,11 +167,22 @@ class Server:
             if self._stopping.is_set():
                 break
             self.servicer.close_idle_sessions(self.config.session_idle_timeout)
-            # off the event loop: storing 10 signed records blocked serving for up to ~180 ms every announce
-            await asyncio.get_running_loop().run_in_executor(None, self._announce, ServerState.ONLINE)
+            await self._announce_periodically()
             if self.config.rebalance and self.config.num_blocks and time.monotonic() >= next_rebalance:
                 next_rebalance = time.monotonic() + self.config.rebalance_interval
                 await self._maybe_move()
+
+    async def _announce_periodically(self) -> None:
+        """Re-announce online, off the event loop (storing 10 signed records blocked serving for up to
+        ~180 ms). A failed announce is logged and retried next period: it must not stop the server."""
+        started = time.monotonic()
+        try:
+            missed = await asyncio.get_running_loop().run_in_executor(None, self._announce, ServerState.ONLINE)
+        except Exception as error:
+            logger.warning("announce failed after %.1f s: %r", time.monotonic() - started, error)
+            return
+        if missed:
+            logger.warning("announce reached no DHT node for %d of the %d blocks", missed, self.span.length)
 
     def info(self, state: ServerState) -> ServerInfo:
         free_tokens = 0
@@ -191,10 +202,10 @@ class Server:
             dtype=self.config.dtype,
         )
 
-    def _announce(self, state: ServerState) -> None:
+    def _announce(self, state: ServerState) -> int:
         from efedllm.discovery import announce
 
-        announce(self.dht, self.validator, self.info(state), ttl=3 * self.config.announce_interval)
+        return announce(self.dht, self.validator, self.info(state), ttl=3 * self.config.announce_interval)
 
     # block selection -----------------------------------------------------------------------
     def _num_model_blocks(self) -> int:

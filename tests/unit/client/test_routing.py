@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from efedllm.client.routing import MissingBlocksError, RouteHop, choose_route, compress_ranges
+from efedllm.client.routing import (MissingBlocksError, RouteHop, choose_checkable_route, choose_route,
+                                    compress_ranges, route_cost)
 from efedllm.records import ServerInfo, ServerState, Span
 
 
@@ -31,3 +32,23 @@ def test_missing_blocks_are_named():
     with pytest.raises(MissingBlocksError, match="10-14, 20"):
         choose_route([server("a", 0, 10), server("b", 15, 20), server("c", 21, 30)], 30)
     assert compress_ranges([1, 2, 3, 7]) == "1-3, 7"
+
+
+def test_checkable_route_leaves_a_disjoint_second_chain():
+    # a fast tail makes "whole for blocks 0:15, then tail" the cheapest chain: it uses up both chains
+    servers = [server("whole", 0, 30, throughput=50.0), server("head", 0, 15, throughput=60.0),
+               server("tail", 15, 30, throughput=400.0)]
+    cheapest = choose_route(servers, 30)
+    assert [hop.peer_id for hop in cheapest] == ["whole", "tail"]
+    checkable = choose_checkable_route(servers, 30)
+    used = {hop.peer_id for hop in checkable}
+    second = choose_route(servers, 30, excluded=used)
+    assert not used & {hop.peer_id for hop in second}
+    assert route_cost(checkable, servers) >= route_cost(cheapest, servers)
+
+
+def test_checkable_route_is_the_cheapest_when_no_disjoint_pair_exists():
+    servers = [server("whole", 0, 30), server("head", 0, 15)]
+    assert choose_checkable_route(servers, 30) == choose_route(servers, 30)
+    with pytest.raises(MissingBlocksError):
+        choose_checkable_route(servers, 30, excluded={"whole"})
