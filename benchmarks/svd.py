@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-from efedllm.compression.apply import CompressionConfig, compress_layers, projections, whitened_spectra
-from efedllm.compression.calibration import calibration_token_ids, sensitivity_token_ids, span_layer_runner
-from efedllm.compression.sensitivity import language_model_loss, output_sensitivities
+from efedllm.compression.apply import CompressionConfig, compress_layers, whitened_spectra
+from efedllm.compression.calibration import calibration_token_ids, projection_sensitivities, span_layer_runner
 from efedllm.compression.perplexity import default_text_path, read_text, tokenize, windowed_perplexity
-from efedllm.compression.transfer import transfer_size
+from efedllm.compression.transfer import TransferSize, pack_layers, transfer_size
 from efedllm.models import load_client_parts, load_span
+from efedllm.records import Span
 
 MODEL = "smollm2-135m"
 DECODE_BLOCKS = 10
@@ -96,7 +96,7 @@ def _ratio_row(ratio, client, body, spectra, sensitivities, calibration, token_i
         "transfer_bytes_10_blocks": transfer.payload_bytes,
         "transfer_dense_bytes_10_blocks": transfer.dense_bytes,
         "transfer_ratio": round(transfer.ratio, 4),
-        "transfer_ratio_span_compressed_alone": round(transfer_size(uniform_span.layers).ratio, 4),
+        "transfer_ratio_span_compressed_alone": round(TransferSize(len(pack_layers(uniform_span.layers, 0)), transfer.dense_bytes).ratio, 4),
         **{f"decode_ms_{name}": round(value, 3) for name, value in _decode_step_ms(
             {"dense": decode_span, "lowrank_uniform": uniform_span, "lowrank_allocated": allocated_span}, hidden_size).items()},
     }
@@ -145,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration = client.embed(calibration_token_ids(client.tokenizer, calibration_config))
     spectra = whitened_spectra(body.layers, calibration, span_layer_runner(body))
     started = time.perf_counter()
-    modules = [module for layer in body.layers for module in projections(layer).values()]
-    windows = sensitivity_token_ids(client.tokenizer, calibration_config)
-    sensitivities = output_sensitivities(language_model_loss(client.embed, body, client.logits), modules, windows)
+    sensitivities = projection_sensitivities(client, body, Span(0, client.config.num_hidden_layers), calibration_config)
     sensitivity_s = time.perf_counter() - started
     decode_span = load_span(MODEL, 0, DECODE_BLOCKS)
     print(f"uncompressed perplexity {baseline:.2f}", file=sys.stderr, flush=True)

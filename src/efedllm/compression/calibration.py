@@ -107,9 +107,7 @@ def compress_span(span_model, model: str, config):
     Deterministic for a given (model, span, config): a local pipeline that compresses the same
     spans with the same config gets the same weights as the servers hosting them.
     """
-    from efedllm.compression.apply import compress_layers
-
-    from efedllm.compression.apply import RankAllocation
+    from efedllm.compression.apply import RankAllocation, compress_layers
 
     if not config.needs_calibration:
         return compress_layers(span_model.layers, config)
@@ -131,12 +129,17 @@ def span_sensitivities(model: str, span, config) -> list[float]:
     The language-model loss needs the whole model: like :func:`span_calibration_inputs` for the
     prefix, a server loads the *dense* model for the purpose and drops it afterwards.
     """
-    from efedllm.compression.apply import projections
-    from efedllm.compression.sensitivity import language_model_loss, output_sensitivities
     from efedllm.models import load_client_parts, load_span
 
     client = load_client_parts(model)
-    body = load_span(model, 0, client.config.num_hidden_layers)
+    return projection_sensitivities(client, load_span(model, 0, client.config.num_hidden_layers), span, config)
+
+
+def projection_sensitivities(client, body, span, config) -> list[float]:
+    """Like :func:`span_sensitivities`, with the client parts and the dense whole-model ``body`` already loaded."""
+    from efedllm.compression.apply import projections
+    from efedllm.compression.sensitivity import language_model_loss, output_sensitivities
+
     modules = [module for layer in body.layers[span.start : span.end] for module in projections(layer).values()]
     windows = sensitivity_token_ids(client.tokenizer, config)
     return output_sensitivities(language_model_loss(client.embed, body, client.logits), modules, windows)

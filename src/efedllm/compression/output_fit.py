@@ -65,13 +65,14 @@ def paired_grams(compressed: torch.Tensor, dense: torch.Tensor) -> tuple[torch.T
     if compressed.dim() != 2 or compressed.shape != dense.shape:
         raise ValueError(f"paired inputs must be two [N, n] tensors of one shape, got {tuple(compressed.shape)} and {tuple(dense.shape)}")
     n = compressed.shape[1]
+    same = dense is compressed  # plain whitening: the cross Gram is the Gram, computed once
     gram, cross = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
     for start in range(0, compressed.shape[0], GRAM_CHUNK):
         block_c = compressed[start : start + GRAM_CHUNK].float()
-        block_o = dense[start : start + GRAM_CHUNK].float()
         gram += (block_c.T @ block_c).double()
-        cross += (block_c.T @ block_o).double()
-    return gram, cross
+        if not same:
+            cross += (block_c.T @ dense[start : start + GRAM_CHUNK].float()).double()
+    return gram, (gram if same else cross)
 
 
 def output_fit_svd(
