@@ -145,7 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repetitions", type=int, default=20)
     parser.add_argument("--max-rounds", type=int, default=25)
-    parser.add_argument("--decode-steps", type=int, default=8)
+    parser.add_argument("--decode-steps", type=int, default=VerifierNodeConfig.decode_steps,
+                        help="decode steps per probe (default: efedllm verify's)")
     parser.add_argument("--interval", type=float, default=30.0,
                         help="seconds between verifier rounds during the on windows (efedllm verify's default)")
     parser.add_argument("--speed-seconds", type=float, default=30.0, help="length of each client speed window")
