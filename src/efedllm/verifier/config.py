@@ -11,6 +11,9 @@ from efedllm.verifier.comparison import DEFAULT_TOLERANCES, Tolerances
 from efedllm.verifier.quorum import QuorumRule
 from efedllm.verifier.trust import POLICIES, TrustPolicy, make_policy, wilson_bounds
 
+# decode steps per probe after its prefill (the verifier node's default, see VerifierNodeConfig)
+DEFAULT_PROBE_DECODE_STEPS = 8
+
 
 def default_ledger_path() -> Path:
     """``~/.local/share/efedllm/ledger.sqlite``: the ledger outlives caches, so it is not under ``~/.cache``."""

@@ -6,7 +6,7 @@ import argparse
 import json
 import signal
 
-from efedllm.verifier.config import default_ledger_path
+from efedllm.verifier.config import DEFAULT_PROBE_DECODE_STEPS, default_ledger_path
 
 
 def register(subparsers) -> None:
@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="stop after N rounds (default: until Ctrl-C)")
     parser.add_argument("--interval", type=float, default=30.0, help="seconds between the starts of two rounds")
     parser.add_argument("--jitter", type=float, default=1.0, help="at most this many seconds between two probes")
-    parser.add_argument("--decode-steps", type=int, default=4, help="one-token steps after each probe's prefill")
+    parser.add_argument("--decode-steps", type=int, default=DEFAULT_PROBE_DECODE_STEPS, help="one-token steps after each probe's prefill")
     parser.add_argument("--ledger", default=str(default_ledger_path()), help="reward ledger (default: %(default)s)")
     parser.add_argument("--policy", default="robust", choices=["robust", "paper"])
     parser.add_argument("--theta", type=float, default=0.8, help="activation threshold θ (paper eq. 4)")
