@@ -34,7 +34,7 @@ import torch
 from efedllm.compression.apply import CompressionConfig, compress_layers, whitened_spectra
 from efedllm.compression.calibration import calibration_token_ids, projection_sensitivities, span_layer_runner
 from efedllm.compression.perplexity import default_text_path, read_text, tokenize, windowed_perplexity
-from efedllm.compression.transfer import TransferSize, pack_layers, transfer_size
+from efedllm.compression.transfer import pack_layers, transfer_size
 from efedllm.models import load_client_parts, load_span
 from efedllm.records import Span
 
@@ -96,7 +96,7 @@ def _ratio_row(ratio, client, body, spectra, sensitivities, calibration, token_i
         "transfer_bytes_10_blocks": transfer.payload_bytes,
         "transfer_dense_bytes_10_blocks": transfer.dense_bytes,
         "transfer_ratio": round(transfer.ratio, 4),
-        "transfer_ratio_span_compressed_alone": round(TransferSize(len(pack_layers(uniform_span.layers, 0)), transfer.dense_bytes).ratio, 4),
+        "transfer_ratio_span_compressed_alone": round(len(pack_layers(uniform_span.layers, 0)) / transfer.dense_bytes, 4),
         **{f"decode_ms_{name}": round(value, 3) for name, value in _decode_step_ms(
             {"dense": decode_span, "lowrank_uniform": uniform_span, "lowrank_allocated": allocated_span}, hidden_size).items()},
     }

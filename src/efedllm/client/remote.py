@@ -115,7 +115,8 @@ class RemoteInferenceSession:
         self._relay_next_step = False  # after a failure no hop could be blamed for: find the culprit
 
     async def open(self, excluded: set[str]) -> None:
-        await self.open_route(self.model.find_session_route(excluded, self.max_length))
+        spot_checks_on = self.model.config.verify_fraction > 0  # they need a second, disjoint chain
+        await self.open_route(self.model.find_route(excluded, self.max_length, leave_disjoint=spot_checks_on))
 
     async def open_route(self, route: list[RouteHop]) -> None:
         """Open a session on every hop of ``route``; ``close()`` closes them, also after a failure here."""
@@ -327,16 +328,11 @@ class DistributedModelForCausalLM(CausalLMClient):
         """Peers a quorum of trusted verifiers deactivated, as of the last ``refresh_servers()``."""
         return set(self._deactivated)
 
-    def find_route(self, excluded: set[str], max_length: int = 0) -> list[RouteHop]:
+    def find_route(self, excluded: set[str], max_length: int = 0, leave_disjoint: bool = False) -> list[RouteHop]:
+        """The cheapest chain; with ``leave_disjoint``, the cheapest that leaves a disjoint second chain."""
+        choose = choose_checkable_route if leave_disjoint else choose_route
         excluded = set(excluded) | self.deactivated_peers()
-        return choose_route(list(self.servers.values()), self.num_blocks, self.rtt, excluded, max_length)
-
-    def find_session_route(self, excluded: set[str], max_length: int) -> list[RouteHop]:
-        """A session's chain: with spot checks on, the cheapest that leaves a disjoint second chain."""
-        if self.config.verify_fraction <= 0:
-            return self.find_route(excluded, max_length)
-        excluded = set(excluded) | self.deactivated_peers()
-        return choose_checkable_route(list(self.servers.values()), self.num_blocks, self.rtt, excluded, max_length)
+        return choose(list(self.servers.values()), self.num_blocks, self.rtt, excluded, max_length)
 
     def wait_for_coverage(self, timeout: float) -> list[RouteHop]:
         deadline = time.monotonic() + timeout

@@ -107,13 +107,13 @@ def choose_checkable_route(
             candidates.append(route({peer_id}))
         except MissingBlocksError:
             continue
-    checkable = [candidate for candidate in candidates if _has_disjoint_route(route, candidate)]
+    checkable = [candidate for candidate in candidates if alternative_route(route, candidate) is not None]
     return min(checkable, key=lambda candidate: route_cost(candidate, servers, rtt)) if checkable else cheapest
 
 
-def _has_disjoint_route(route, primary: list[RouteHop]) -> bool:
+def alternative_route(find_route, primary: list[RouteHop]) -> list[RouteHop] | None:
+    """A chain avoiding every server of ``primary`` (``find_route(excluded)`` routes), or None."""
     try:
-        route({hop.peer_id for hop in primary})
-        return True
+        return find_route({hop.peer_id for hop in primary})
     except MissingBlocksError:
-        return False
+        return None

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from efedllm.client.routing import MissingBlocksError, RouteHop
+from efedllm.client.routing import RouteHop, alternative_route
 from efedllm.records import RecordError, SpotCheckEvidence
 
 logger = logging.getLogger(__name__)
@@ -28,14 +28,6 @@ logger = logging.getLogger(__name__)
 def draw_spot_check(generator: random.Random, fraction: float) -> bool:
     """Whether this step is checked: probability ``fraction``; pure given the generator."""
     return fraction > 0 and generator.random() < fraction
-
-
-def alternative_route(find_route, primary: list[RouteHop]) -> list[RouteHop] | None:
-    """A chain avoiding every server of ``primary`` (``find_route(excluded)`` routes), or None."""
-    try:
-        return find_route({hop.peer_id for hop in primary})
-    except MissingBlocksError:
-        return None
 
 
 def mismatch_evidence(primary: list[RouteHop], alternative: list[RouteHop], comparison, tokens: int,

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from efedllm.client.routing import RouteHop, choose_route
-from efedllm.client.spot_check import alternative_route, draw_spot_check, mismatch_evidence
+from efedllm.client.routing import RouteHop, alternative_route, choose_route
+from efedllm.client.spot_check import draw_spot_check, mismatch_evidence
 from efedllm.records import RecordError, ServerInfo, ServerState, Span, SpotCheckEvidence
 from efedllm.verifier.comparison import ProbeComparison
 from efedllm.verifier.evidence import probe_order
