@@ -6,11 +6,18 @@ Swarm modes: ``chained`` (the default: each server forwards to the next, the las
 client), ``chained_answer_along_chain`` (the answer returns hop by hop, the paper's plain chain) and
 ``relayed`` (the client sends every hop, Petals' way).
 
-Each server computes with ``--server-threads`` torch threads (default: this machine's cores, as the
-local pipeline does: in a chain one server computes at a time, and in a federation each has its own
-machine).
+Each server computes with ``--server-threads`` torch threads (default 1, ``efedllm serve``'s default).
+The local baseline is the faster of 1 thread and this machine's cores, measured in the same rounds, so
+that no thread count favours the swarm. Why 1 per server: a decode step is memory-bound, and in a
+chain of processes on shared cores a second OpenMP thread costs more than it gives. Measured with
+three processes of 10 blocks passing one token along (decode step of 10 blocks, median): 1 thread
+15.4 ms, 2 threads with ``OMP_WAIT_POLICY=PASSIVE`` 16.2 ms (each parallel region wakes a sleeping
+worker), 2 threads with the default policy 19.9 ms (the idle servers' spinning workers take the
+cores of the one computing). The local pipeline runs as fast with 1 thread as with 2 (16.7-17.8
+vs 16.0-16.8 tokens/s), and the swarm's client computes with ``--client-threads`` (default 1) for the
+same reason: its idle workers would spin on the cores the first server needs.
 
-Usage: python benchmarks/swarm_vs_local.py [--skip-perplexity] [--server-threads N]
+Usage: python benchmarks/swarm_vs_local.py [--skip-perplexity] [--server-threads N] [--client-threads N]
 """
 
 from __future__ import annotations
@@ -35,6 +42,21 @@ from efedllm.server.swarm import LocalSwarm  # noqa: E402
 MODEL, TOKENS, REPEATS = "smollm2-135m", 64, 4
 PROMPT = "Write a short story about a lighthouse keeper."
 CONFIG = GenerationConfig(max_new_tokens=TOKENS, greedy=True, stop_on_eos=False)
+
+
+class WithThreads:
+    """A model whose generate() runs with ``threads`` torch threads in this process."""
+
+    def __init__(self, model, threads: int) -> None:
+        self.model, self.threads = model, threads
+
+    def generate(self, input_ids, config):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self.model.generate(input_ids, config)
+        finally:
+            torch.set_num_threads(previous)
 
 
 def measure_interleaved(models: dict, input_ids) -> dict:
@@ -85,7 +107,8 @@ MODES = {"chained": RemoteClientConfig(), "chained_answer_along_chain": RemoteCl
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-perplexity", action="store_true", help="leave out the wire formats' perplexity")
-    parser.add_argument("--server-threads", type=int, default=torch.get_num_threads(), help="torch threads per server")
+    parser.add_argument("--server-threads", type=int, default=1, help="torch threads per server")
+    parser.add_argument("--client-threads", type=int, default=1, help="torch threads of the swarm's client")
     args = parser.parse_args()
     local = LocalModelForCausalLM.load(MODEL, parse_spans("0:10,10:20,20:30"))
     input_ids = local.encode_prompt(PROMPT)
@@ -97,11 +120,16 @@ def main() -> None:
         remote = {name: DistributedModelForCausalLM.from_pretrained(MODEL, swarm.initial_peers, config)
                   for name, config in MODES.items()}
         try:
-            results = measure_interleaved({"local": local, **remote}, input_ids)
+            local_threads = sorted({1, torch.get_num_threads()})
+            locals_by_threads = {f"local_{threads}": WithThreads(local, threads) for threads in local_threads}
+            clients = {name: WithThreads(model, args.client_threads) for name, model in remote.items()}
+            results = measure_interleaved({**locals_by_threads, **clients}, input_ids)
         finally:
             for model in remote.values():
                 model.shutdown()
-        local_result = results.pop("local")
+        local_by_threads = {name: results.pop(name) for name in locals_by_threads}
+        local_name = max(local_by_threads, key=lambda name: local_by_threads[name]["tokens_per_s"])
+        local_result = local_by_threads[local_name]
         server_rss = [round(peak_rss_mib(server.process.pid), 1) for server in swarm.servers]
     text = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.raw"
     perplexity = {} if args.skip_perplexity else wire_perplexity(local, text)
@@ -109,7 +137,9 @@ def main() -> None:
     bytes_per_hop = {fmt: wire.wire_bytes(wire.encode_hidden(one_token, fmt)) for fmt in wire.WIRE_FORMATS}
     print(json.dumps({
         "benchmark": "swarm_vs_local", "servers": 3, "new_tokens": TOKENS, "server_torch_threads": args.server_threads,
-        "local_torch_threads": torch.get_num_threads(),
+        "local_torch_threads": int(local_name.removeprefix("local_")),
+        "local_tokens_per_s_by_threads": {name.removeprefix("local_"): result["tokens_per_s"]
+                                          for name, result in local_by_threads.items()},
         "local_tokens_per_s": local_result["tokens_per_s"],
         "chained_tokens_per_s": results["chained"]["tokens_per_s"],
         "relayed_tokens_per_s": results["relayed"]["tokens_per_s"],
@@ -120,7 +150,8 @@ def main() -> None:
         "answer_along_chain_over_local": round(results["chained_answer_along_chain"]["tokens_per_s"] / local_result["tokens_per_s"], 3),
         "time_to_first_token_s": {"local": local_result["time_to_first_token_s"],
                                   **{name: result["time_to_first_token_s"] for name, result in results.items()}},
-        "same_tokens_as_local": all(r["token_ids"] == local_result["token_ids"] for r in results.values()),
+        "same_tokens_as_local": all(r["token_ids"] == local_result["token_ids"]
+                                    for r in [*results.values(), *local_by_threads.values()]),
         "bytes_per_token_per_hop": bytes_per_hop,
         "server_peak_rss_mib": server_rss,
         "wikitext2_perplexity_by_wire_format_4096_tokens": perplexity,

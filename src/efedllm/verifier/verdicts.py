@@ -22,6 +22,7 @@ from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
+from efedllm.discovery import get_latest_many
 from efedllm.records import RecordError, TrustVerdict
 from efedllm.verifier.quorum import QuorumRule, deactivated_peers
 
@@ -64,15 +65,10 @@ def parse_verdict_entry(server_peer_id: str, subkey, value) -> TrustVerdict:
 def fetch_verdicts(dht: DHT, model: str, peer_ids: Iterable[str], timeout: float = 10.0) -> list[TrustVerdict]:
     """Every valid verdict on the servers ``peer_ids``, from any verifier; malformed ones are dropped."""
     peer_ids = sorted(set(peer_ids))
-    futures = [dht.get(verdict_key(model, peer), latest=True, return_future=True) for peer in peer_ids]
+    found_by_key = get_latest_many(dht, [verdict_key(model, peer) for peer in peer_ids], timeout)
     verdicts: list[TrustVerdict] = []
-    deadline = time.monotonic() + timeout
-    for peer, future in zip(peer_ids, futures):
-        try:
-            found = future.result(timeout=max(0.1, deadline - time.monotonic()))
-        except Exception as error:
-            logger.debug("verdict lookup for %s failed: %s", peer, error)
-            continue
+    for peer in peer_ids:
+        found = found_by_key.get(verdict_key(model, peer))
         if found is None or not isinstance(found.value, dict):
             continue
         for subkey, entry in found.value.items():
