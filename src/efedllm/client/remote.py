@@ -23,7 +23,14 @@ import torch
 
 from efedllm import wire
 from efedllm.client.generation import CausalLMClient
-from efedllm.client.routing import MissingBlocksError, RouteHop, choose_checkable_route, choose_route
+from efedllm.client.routing import (
+    MissingBlocksError,
+    RouteHop,
+    choose_checkable_route,
+    choose_route,
+    rtt_estimates,
+    smoothed_rtt,
+)
 from efedllm.delivery import DeliveryServicer
 from efedllm.records import Delivery, Hop, OpenSessionRequest, StepRequest
 
@@ -122,12 +129,14 @@ class RemoteInferenceSession:
         """Open a session on every hop of ``route``; ``close()`` closes them, also after a failure here."""
         self.route = route
         self.session_ids = [uuid.uuid4().hex for _ in self.route]
-        await asyncio.gather(*(
-            self.model.stub(hop.peer_id).call(
-                "rpc_open_session", OpenSessionRequest(session_id, hop.blocks, self.max_length).to_wire()
-            )
-            for hop, session_id in zip(self.route, self.session_ids)
-        ))
+        await asyncio.gather(*(self._open_hop(hop, session_id) for hop, session_id in zip(self.route, self.session_ids)))
+
+    async def _open_hop(self, hop: RouteHop, session_id: str) -> None:
+        """Opens the session on one hop; its round trip updates the client's measured RTTs, which routing uses."""
+        started = time.perf_counter()
+        request = OpenSessionRequest(session_id, hop.blocks, self.max_length).to_wire()
+        await self.model.stub(hop.peer_id).call("rpc_open_session", request)
+        self.model.rtt[hop.peer_id] = smoothed_rtt(self.model.rtt.get(hop.peer_id), time.perf_counter() - started)
 
     async def close(self) -> None:
         await asyncio.gather(*(
@@ -332,7 +341,8 @@ class DistributedModelForCausalLM(CausalLMClient):
         """The cheapest chain; with ``leave_disjoint``, the cheapest that leaves a disjoint second chain."""
         choose = choose_checkable_route if leave_disjoint else choose_route
         excluded = set(excluded) | self.deactivated_peers()
-        return choose(list(self.servers.values()), self.num_blocks, self.rtt, excluded, max_length)
+        rtt = rtt_estimates(self.rtt, self.servers.keys())
+        return choose(list(self.servers.values()), self.num_blocks, rtt, excluded, max_length)
 
     def wait_for_coverage(self, timeout: float) -> list[RouteHop]:
         deadline = time.monotonic() + timeout

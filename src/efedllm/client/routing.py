@@ -3,7 +3,10 @@
 Each hop costs the round trip to its server plus the share of the server's measured span
 time for the blocks it runs: ``rtt + blocks / (throughput · span_length)``. A dynamic program over
 block boundaries finds the cheapest chain; servers that are offline, full, banned or
-deactivated are skipped. Unknown round trips default to ``default_rtt``.
+deactivated are skipped. Unknown round trips default to ``default_rtt``. A client measures the
+round trip of every session it opens (``smoothed_rtt``) and, for servers it has not measured yet,
+assumes the median of those it has (``rtt_estimates``), so a server is not avoided merely for
+being new.
 """
 
 from __future__ import annotations
@@ -13,6 +16,20 @@ from dataclasses import dataclass
 from efedllm.records import ServerInfo, ServerState, Span
 
 DEFAULT_RTT = 0.005
+
+
+def smoothed_rtt(previous: float | None, sample: float, weight: float = 0.3) -> float:
+    """Exponential moving average of round-trip times in seconds: ``weight`` is the new sample's share."""
+    if not sample >= 0.0:
+        raise ValueError(f"a round trip must be >= 0 s, got {sample}")
+    return sample if previous is None else (1.0 - weight) * previous + weight * sample
+
+
+def rtt_estimates(measured: dict[str, float], peer_ids, default_rtt: float = DEFAULT_RTT) -> dict[str, float]:
+    """A round trip for every peer: its measured one, else the median of the measured ones, else ``default_rtt``."""
+    known = sorted(measured.values())
+    fallback = known[len(known) // 2] if known else default_rtt
+    return {peer_id: measured.get(peer_id, fallback) for peer_id in peer_ids}
 
 
 class MissingBlocksError(RuntimeError):

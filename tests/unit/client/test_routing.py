@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from efedllm.client.routing import (MissingBlocksError, RouteHop, choose_checkable_route, choose_route,
-                                    compress_ranges, route_cost)
+from efedllm.client.routing import (DEFAULT_RTT, MissingBlocksError, RouteHop, choose_checkable_route, choose_route,
+                                    compress_ranges, route_cost, rtt_estimates, smoothed_rtt)
 from efedllm.records import ServerInfo, ServerState, Span
 
 
@@ -52,3 +52,24 @@ def test_checkable_route_is_the_cheapest_when_no_disjoint_pair_exists():
     assert choose_checkable_route(servers, 30) == choose_route(servers, 30)
     with pytest.raises(MissingBlocksError):
         choose_checkable_route(servers, 30, excluded={"whole"})
+
+
+def test_measured_round_trips_are_smoothed_and_bad_samples_refused():
+    assert smoothed_rtt(None, 0.002) == 0.002
+    assert smoothed_rtt(0.002, 0.012, weight=0.5) == pytest.approx(0.007)
+    for bad in (-0.001, float("nan")):
+        with pytest.raises(ValueError, match="round trip"):
+            smoothed_rtt(0.002, bad)
+
+
+def test_unmeasured_servers_get_the_median_round_trip():
+    assert rtt_estimates({}, ["a", "b"]) == {"a": DEFAULT_RTT, "b": DEFAULT_RTT}
+    estimates = rtt_estimates({"a": 0.001, "b": 0.003, "c": 0.2}, ["a", "new"])
+    assert estimates == {"a": 0.001, "new": 0.003}
+
+
+def test_a_measured_slow_link_moves_the_route_to_an_unmeasured_server():
+    servers = [server("a", 0, 10), server("b", 10, 20), server("b2", 10, 20), server("c", 20, 30)]
+    measured = {"a": 0.001, "b": 0.05, "c": 0.001}  # b2 not measured yet: assumed like the median, 1 ms
+    route = choose_route(servers, 30, rtt=rtt_estimates(measured, [info.peer_id for info in servers]))
+    assert [hop.peer_id for hop in route] == ["a", "b2", "c"]
