@@ -9,6 +9,8 @@ Speed is measured after the faulty servers have been stopped (SIGTERM, they anno
 offline): every process shares this machine's 2 cores, and probing six servers that no client
 uses would take CPU from the client's chain, which in a federation runs on other machines. The
 probes of the honest servers the client uses do overlap its generation, as they would for real.
+The client generates in a process of its own (a client and a verifier are different peers) with
+one torch thread, in the off windows as in the on windows.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -71,44 +72,86 @@ def detection_runs(verifier: Verifier, peers: dict[str, str], repetitions: int, 
     }
 
 
-def client_speed(swarm: LocalSwarm, verifier: Verifier, interval_s: float | None, seconds: float) -> dict:
-    """Client tokens/s over ``seconds`` of back-to-back generations, with verifier rounds every ``interval_s``
-    seconds beside them (``None``: no verification; 0: rounds back to back, the worst case).
+def _generate_in_own_process(initial_peers: list[str], verifier_key: str, windows, results) -> None:
+    """A client process: warm up, say "ready", then for each window length from ``windows`` generate
+    back to back for that long and report; ``None`` ends it."""
+    import torch
 
-    Rounds run in this thread (the verifier's ledger connection belongs to it), generation in another.
-    """
-    client = DistributedModelForCausalLM.from_pretrained(MODEL, swarm.initial_peers,
-                                                        RemoteClientConfig(trusted_verifier_keys=(verifier.key,)))
+    torch.set_num_threads(1)  # as in swarm_vs_local.py: idle spinning workers would take the servers' cores
+    client = DistributedModelForCausalLM.from_pretrained(MODEL, initial_peers,
+                                                        RemoteClientConfig(trusted_verifier_keys=(verifier_key,)))
     try:
         input_ids = client.encode_prompt(PROMPT)
         client.generate(input_ids, GREEDY)  # warm-up
-        client.bytes_sent = 0
-        results = []
-
-        def generate_for_a_while() -> None:
+        results.put("ready")
+        while (seconds := windows.get()) is not None:
+            client.bytes_sent, tokens, busy = 0, 0, 0.0
             started = time.perf_counter()
             while time.perf_counter() - started < seconds:
-                results.append(client.generate(input_ids, GREEDY))
-
-        # the verifier's own reference forward passes run before the window, as they would on the
-        # verifier's own machine; what overlaps the client is the probing of the servers
-        traces = [verifier.prepare_trace() for _ in range(_expected_rounds(interval_s, seconds))]
-        generation = threading.Thread(target=generate_for_a_while)
-        generation.start()
-        rounds, probe_bytes = 0, 0
-        next_round = time.monotonic() + (interval_s or 0.0) / 2  # mid-window: one round per interval
-        while generation.is_alive():
-            if interval_s is not None and time.monotonic() >= next_round:
-                probe_bytes += verifier.run_round(traces.pop() if traces else None).probe_bytes
-                rounds += 1
-                next_round += interval_s
-            else:
-                generation.join(timeout=0.1)
-        tokens, busy = sum(result.new_tokens for result in results), sum(result.seconds for result in results)
-        return {"tokens_per_s": round(tokens / busy, 2), "client_bytes": client.bytes_sent, "rounds": rounds,
-                "probe_bytes": probe_bytes, "tokens": tokens}
+                result = client.generate(input_ids, GREEDY)
+                tokens, busy = tokens + result.new_tokens, busy + result.seconds
+            results.put({"tokens": tokens, "busy": busy, "client_bytes": client.bytes_sent})
     finally:
         client.shutdown()
+
+
+class ClientProcess:
+    """The client generates in a process of its own, as a client and a verifier are different peers:
+    in one process they would contend for one interpreter lock, which no real deployment shares."""
+
+    def __init__(self, swarm: LocalSwarm, verifier: Verifier) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.windows, self.results = context.Queue(), context.Queue()
+        self.process = context.Process(target=_generate_in_own_process,  # not a daemon: it starts a DHT process
+                                       args=(swarm.initial_peers, verifier.key, self.windows, self.results))
+
+    def __enter__(self) -> "ClientProcess":
+        self.process.start()
+        self.wait(timeout=300)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.windows.put(None)
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+    def wait(self, timeout: float):
+        """The client process's next message; an error as soon as that process has died."""
+        import queue
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                return self.results.get(timeout=1.0)
+            except queue.Empty:
+                if not self.process.is_alive():
+                    raise RuntimeError(f"the client process exited with code {self.process.exitcode}") from None
+        raise TimeoutError(f"no word from the client process in {timeout:.0f} s")
+
+
+def client_speed(client: ClientProcess, verifier: Verifier, interval_s: float | None, seconds: float) -> dict:
+    """Client tokens/s over ``seconds`` of back-to-back generations, with verifier rounds every ``interval_s``
+    seconds beside them (``None``: no verification; 0: rounds back to back, the worst case)."""
+    # the verifier's own reference forward passes run before the window, as they would on the
+    # verifier's own machine; what overlaps the client is the probing of the servers
+    traces = [verifier.prepare_trace() for _ in range(_expected_rounds(interval_s, seconds))]
+    client.windows.put(seconds)
+    window_ends = time.monotonic() + seconds
+    rounds, probe_bytes = 0, 0
+    next_round = time.monotonic() + (interval_s or 0.0) / 2  # mid-window: one round per interval
+    while time.monotonic() < window_ends:
+        if interval_s is not None and time.monotonic() >= next_round:
+            probe_bytes += verifier.run_round(traces.pop() if traces else None).probe_bytes
+            rounds += 1
+            next_round += interval_s
+        else:
+            time.sleep(0.1)
+    measured = client.wait(timeout=seconds + 120)  # a generation may be under way when the window ends
+    return {"tokens_per_s": round(measured["tokens"] / measured["busy"], 2), "client_bytes": measured["client_bytes"],
+            "rounds": rounds, "probe_bytes": probe_bytes, "tokens": measured["tokens"]}
 
 
 def _stop_faulty(swarm: LocalSwarm, started: dict) -> None:
@@ -170,10 +213,12 @@ def main() -> None:
             print(f"detection: {json.dumps(result)}", file=sys.stderr, flush=True)
             _stop_faulty(swarm, started)
             # off and on alternate in windows: this machine's speed drifts by +-20% over minutes
-            windows = [(client_speed(swarm, verifier, None, args.speed_seconds),
-                        client_speed(swarm, verifier, args.interval, args.speed_seconds)) for _ in range(args.speed_pairs)]
+            with ClientProcess(swarm, verifier) as client:
+                windows = [(client_speed(client, verifier, None, args.speed_seconds),
+                            client_speed(client, verifier, args.interval, args.speed_seconds))
+                           for _ in range(args.speed_pairs)]
+                continuous = client_speed(client, verifier, 0.0, args.speed_seconds)
             off, on = (_combine([pair[index] for pair in windows]) for index in (0, 1))
-            continuous = client_speed(swarm, verifier, 0.0, args.speed_seconds)
         finally:
             verifier.shutdown()
     result.update({
