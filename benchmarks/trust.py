@@ -36,7 +36,7 @@ from efedllm.verifier.node import Verifier, VerifierNodeConfig  # noqa: E402
 MODEL = "smollm2-135m"
 HONEST = {"honest-0": ("0:10", []), "honest-1": ("10:20", []), "honest-2": ("20:30", []),
           "honest-bf16": ("10:20", ["--dtype", "bfloat16"])}
-FAULTS = {"noise:0.01": "0:10", "zeros": "10:20", "skip-blocks": "20:30", "wrong-model": "0:10",
+FAULTS = {"noise:0.01": "0:10", "zeros": "10:20", "skip-blocks": "20:30", "random": "10:20", "wrong-model": "0:10",
           "intermittent:0.1": "20:30"}
 GREEDY = GenerationConfig(max_new_tokens=32, greedy=True, stop_on_eos=False)
 PROMPT = "Write a short story about a lighthouse keeper."
