@@ -17,7 +17,11 @@ cores of the one computing). The local pipeline runs as fast with 1 thread as wi
 vs 16.0-16.8 tokens/s), and the swarm's client computes with ``--client-threads`` (default 1) for the
 same reason: its idle workers would spin on the cores the first server needs.
 
-Usage: python benchmarks/swarm_vs_local.py [--skip-perplexity] [--server-threads N] [--client-threads N]
+Each mode runs once per round, in turn, for ``--repeats`` rounds (default 8; it was 4, but single
+runs drift by several percent from minute to minute here); its best round counts, and every round's
+tokens/s is printed too.
+
+Usage: python benchmarks/swarm_vs_local.py [--skip-perplexity] [--repeats N] [--server-threads N] [--client-threads N]
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from efedllm.client.sampling import GenerationConfig  # noqa: E402
 from efedllm.records import parse_spans  # noqa: E402
 from efedllm.server.swarm import LocalSwarm  # noqa: E402
 
-MODEL, TOKENS, REPEATS = "smollm2-135m", 64, 4
+MODEL, TOKENS = "smollm2-135m", 64
 PROMPT = "Write a short story about a lighthouse keeper."
 CONFIG = GenerationConfig(max_new_tokens=TOKENS, greedy=True, stop_on_eos=False)
 
@@ -59,17 +63,19 @@ class WithThreads:
             torch.set_num_threads(previous)
 
 
-def measure_interleaved(models: dict, input_ids) -> dict:
-    """Best run of each model over REPEATS rounds, one run of each per round (the machine's speed drifts)."""
+def measure_interleaved(models: dict, input_ids, repeats: int) -> dict:
+    """Best run of each model over ``repeats`` rounds, one run of each per round (the machine's speed
+    drifts), and every round's tokens/s."""
     for model in models.values():
         model.generate(input_ids, CONFIG)  # warm-up
     runs = {name: [] for name in models}
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         for name, model in models.items():
             runs[name].append(model.generate(input_ids, CONFIG))
     best = {name: max(results, key=lambda result: result.tokens_per_s) for name, results in runs.items()}
     return {name: {"tokens_per_s": round(result.tokens_per_s, 2), "time_to_first_token_s": round(result.time_to_first_token, 4),
-                   "token_ids": result.token_ids} for name, result in best.items()}
+                   "token_ids": result.token_ids, "rounds": [round(run.tokens_per_s, 2) for run in runs[name]]}
+            for name, result in best.items()}
 
 
 def wire_perplexity(local, text_path: Path, tokens: int = 4096, window: int = 1024) -> dict:
@@ -109,7 +115,10 @@ def main() -> None:
     parser.add_argument("--skip-perplexity", action="store_true", help="leave out the wire formats' perplexity")
     parser.add_argument("--server-threads", type=int, default=1, help="torch threads per server")
     parser.add_argument("--client-threads", type=int, default=1, help="torch threads of the swarm's client")
+    parser.add_argument("--repeats", type=int, default=8, help="interleaved rounds; each mode's best round counts")
     args = parser.parse_args()
+    if args.repeats < 1 or args.server_threads < 1 or args.client_threads < 1:
+        parser.error("--repeats, --server-threads and --client-threads must be at least 1")
     local = LocalModelForCausalLM.load(MODEL, parse_spans("0:10,10:20,20:30"))
     input_ids = local.encode_prompt(PROMPT)
     with LocalSwarm(MODEL) as swarm:
@@ -123,7 +132,7 @@ def main() -> None:
             local_threads = sorted({1, torch.get_num_threads()})
             locals_by_threads = {f"local_{threads}": WithThreads(local, threads) for threads in local_threads}
             clients = {name: WithThreads(model, args.client_threads) for name, model in remote.items()}
-            results = measure_interleaved({**locals_by_threads, **clients}, input_ids)
+            results = measure_interleaved({**locals_by_threads, **clients}, input_ids, args.repeats)
         finally:
             for model in remote.values():
                 model.shutdown()
@@ -152,6 +161,10 @@ def main() -> None:
                                   **{name: result["time_to_first_token_s"] for name, result in results.items()}},
         "same_tokens_as_local": all(r["token_ids"] == local_result["token_ids"]
                                     for r in [*results.values(), *local_by_threads.values()]),
+        "repeats": args.repeats,
+        "tokens_per_s_by_round": {"local": local_result["rounds"], **{name: result["rounds"] for name, result in results.items()}},
+        "chained_beat_relayed_in_rounds": sum(chained > relayed for chained, relayed in
+                                              zip(results["chained"]["rounds"], results["relayed"]["rounds"])),
         "bytes_per_token_per_hop": bytes_per_hop,
         "server_peak_rss_mib": server_rss,
         "wikitext2_perplexity_by_wire_format_4096_tokens": perplexity,

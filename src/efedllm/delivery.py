@@ -3,7 +3,8 @@
 A peer that sends chained steps with ``StepRequest.deliver_to`` hosts a ``DeliveryServicer``.
 Call order: ``start(p2p)`` once; per step ``expect(step_id, chain)`` before sending the step,
 ``await wait(step_id, timeout)`` for the answer, ``forget(step_id)`` when done (also after errors);
-``shutdown()`` at the end. Servers call ``rpc_deliver`` through :func:`deliver`.
+``shutdown()`` at the end. Servers call ``rpc_deliver`` through :func:`deliver`, on an open stream
+(:mod:`efedllm.channel`, handle ``DELIVERY_STREAM``); a unary ``rpc_deliver`` is served too.
 
 A delivery is validated strictly: it must name a step that is awaited, an output may only come
 from the chain's last hop and an error report only from a hop of that chain.
@@ -14,13 +15,15 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from efedllm import wire
+from efedllm.channel import ChannelPool, serve_requests, stop_serving
 from efedllm.records import DeliveredStep, RecordError
 
 DELIVERY_TIMEOUT = 20.0
+DELIVERY_STREAM = "DeliveryServicer.rpc_deliver.stream"
 
 
 @dataclass
@@ -39,12 +42,14 @@ class DeliveryServicer(ServicerBase):
     async def start(self, p2p: P2P) -> None:
         self._p2p = p2p
         await self.add_p2p_handlers(p2p)
+        await serve_requests(p2p, DELIVERY_STREAM, self.rpc_deliver)
 
     async def shutdown(self) -> None:
         for awaited in self._awaited.values():
             awaited.future.cancel()
         self._awaited.clear()
         if self._p2p is not None:
+            await stop_serving(self._p2p, DELIVERY_STREAM)
             await self.remove_p2p_handlers(self._p2p)
             self._p2p = None
 
@@ -58,7 +63,8 @@ class DeliveryServicer(ServicerBase):
 
     async def wait(self, step_id: str, timeout: float) -> tuple[DeliveredStep, list]:
         """The delivered metadata and tensors; ``asyncio.TimeoutError`` when nothing came in time."""
-        return await asyncio.wait_for(asyncio.shield(self._awaited[step_id].future), timeout)
+        async with asyncio.timeout(timeout):  # awaits the future itself: the fewest event-loop turns after it is set
+            return await self._awaited[step_id].future
 
     async def rpc_deliver(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
@@ -69,6 +75,7 @@ class DeliveryServicer(ServicerBase):
         future = self._awaited[delivered.step_id].future
         if not future.done():
             future.set_result((delivered, list(request.tensors)))
+            await asyncio.sleep(0)  # the waiting step goes on (the client's next token) before this acknowledgement is sent
         return wire.response({"ok": True})
 
     def _check_sender(self, delivered: DeliveredStep, sender: str) -> None:
@@ -81,10 +88,10 @@ class DeliveryServicer(ServicerBase):
             raise RecordError(f"error report for step {delivered.step_id!r} from {sender}, not a hop of its chain")
 
 
-async def deliver(p2p: P2P, peer_id: str, delivered: DeliveredStep, tensors=()) -> None:
-    """Send ``delivered`` (and the output ``tensors``) to ``peer_id``'s ``DeliveryServicer``; raises on failure."""
-    stub = DeliveryServicer.get_stub(p2p, PeerID.from_base58(peer_id))
-    answer = await asyncio.wait_for(stub.rpc_deliver(wire.request(delivered.to_wire(), tensors)), DELIVERY_TIMEOUT)
+async def deliver(channels: ChannelPool, peer_id: str, delivered: DeliveredStep, tensors=()) -> None:
+    """Send ``delivered`` (and the output ``tensors``) to ``peer_id``'s ``DeliveryServicer`` over ``channels``
+    (a pool of streams to ``DELIVERY_STREAM``); raises on failure."""
+    answer = await channels.call(peer_id, wire.request(delivered.to_wire(), tensors), DELIVERY_TIMEOUT)
     reply = wire.unpack_metadata(answer.metadata)
     if not reply.get("ok"):
         raise RecordError(f"{peer_id} refused the delivery: {reply.get('error')}")
