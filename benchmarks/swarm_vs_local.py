@@ -19,9 +19,11 @@ same reason: its idle workers would spin on the cores the first server needs.
 
 Each mode runs once per round, in turn, for ``--repeats`` rounds (default 8; it was 4, but single
 runs drift by several percent from minute to minute here); its best round counts, and every round's
-tokens/s is printed too.
+tokens/s is printed too. ``decode_steps_in_turn``: in one session, a chained and a relayed decode
+step taken in turn (``--step-pairs`` pairs), their median times and how many pairs the chained step
+won; pairs ~0.15 s apart do not feel the drift that whole generations do.
 
-Usage: python benchmarks/swarm_vs_local.py [--skip-perplexity] [--repeats N] [--server-threads N] [--client-threads N]
+Usage: python benchmarks/swarm_vs_local.py [--skip-perplexity] [--repeats N] [--step-pairs N] [--server-threads N] [--client-threads N]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -78,6 +81,30 @@ def measure_interleaved(models: dict, input_ids, repeats: int) -> dict:
             for name, result in best.items()}
 
 
+def alternating_steps(model, input_ids, token_ids: list[int], pairs: int, threads: int) -> dict:
+    """A chained and a relayed decode step in turn, ``pairs`` times, in one session of ``model``: a pair
+    is ~0.15 s apart, so the machine's drift, which swamps whole-generation comparisons here, cancels.
+    The LM head runs between steps, as in generation, and is not timed."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    times = {"chained": [], "relayed": []}
+    try:
+        with model.inference_session(max_length=input_ids.shape[1] + 2 * pairs) as session:
+            hidden = session.step(model.parts.embed(input_ids))
+            for index in range(2 * pairs):
+                model.parts.logits(hidden[:, -1:])
+                relay = index % 2 == 1
+                token = torch.tensor([[token_ids[index % len(token_ids)]]])
+                started = time.perf_counter()
+                hidden = session.step(model.parts.embed(token), relay=relay)
+                times["relayed" if relay else "chained"].append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(previous)
+    return {"pairs": pairs,
+            "median_step_ms": {name: round(1e3 * statistics.median(values), 2) for name, values in times.items()},
+            "chained_faster_in_pairs": sum(c < r for c, r in zip(times["chained"], times["relayed"]))}
+
+
 def wire_perplexity(local, text_path: Path, tokens: int = 4096, window: int = 1024) -> dict:
     """Perplexity of the 3-span pipeline with hidden states encoded/decoded at each span boundary."""
     if not text_path.is_file():
@@ -116,9 +143,10 @@ def main() -> None:
     parser.add_argument("--server-threads", type=int, default=1, help="torch threads per server")
     parser.add_argument("--client-threads", type=int, default=1, help="torch threads of the swarm's client")
     parser.add_argument("--repeats", type=int, default=8, help="interleaved rounds; each mode's best round counts")
+    parser.add_argument("--step-pairs", type=int, default=100, help="chained and relayed decode steps taken in turn")
     args = parser.parse_args()
-    if args.repeats < 1 or args.server_threads < 1 or args.client_threads < 1:
-        parser.error("--repeats, --server-threads and --client-threads must be at least 1")
+    if min(args.repeats, args.step_pairs, args.server_threads, args.client_threads) < 1:
+        parser.error("--repeats, --step-pairs, --server-threads and --client-threads must be at least 1")
     local = LocalModelForCausalLM.load(MODEL, parse_spans("0:10,10:20,20:30"))
     input_ids = local.encode_prompt(PROMPT)
     with LocalSwarm(MODEL) as swarm:
@@ -133,6 +161,8 @@ def main() -> None:
             locals_by_threads = {f"local_{threads}": WithThreads(local, threads) for threads in local_threads}
             clients = {name: WithThreads(model, args.client_threads) for name, model in remote.items()}
             results = measure_interleaved({**locals_by_threads, **clients}, input_ids, args.repeats)
+            steps = alternating_steps(remote["chained"], input_ids, results["chained"]["token_ids"], args.step_pairs,
+                                      args.client_threads)
         finally:
             for model in remote.values():
                 model.shutdown()
@@ -165,6 +195,7 @@ def main() -> None:
         "tokens_per_s_by_round": {"local": local_result["rounds"], **{name: result["rounds"] for name, result in results.items()}},
         "chained_beat_relayed_in_rounds": sum(chained > relayed for chained, relayed in
                                               zip(results["chained"]["rounds"], results["relayed"]["rounds"])),
+        "decode_steps_in_turn": steps,
         "bytes_per_token_per_hop": bytes_per_hop,
         "server_peak_rss_mib": server_rss,
         "wikitext2_perplexity_by_wire_format_4096_tokens": perplexity,

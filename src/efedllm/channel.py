@@ -19,6 +19,14 @@ framing cannot be resynchronised), and other streams are unaffected.
 Client side: ``ChannelPool(p2p, name)``; ``await pool.call(peer_id, request, timeout)`` opens the stream on
 first use and returns the response; ``close_idle(max_idle)`` and ``close_all()`` end streams. A stream that
 breaks or times out fails every request waiting on it with ``ChannelError`` and is replaced on next use.
+
+One-way streams (``serve_requests(..., one_way=True)`` and ``pool.send``) carry messages that get no
+answer: a chained step needs none, since its outcome reaches the requester by delivery, and each
+acknowledgement cost every hop a wake-up. ``send(peer_id, request, on_broken, key)`` arms
+``on_broken(reason)`` until the next message with the same ``key`` (a session: its steps go one at
+a time) or ``unanswered_window`` s; if the stream breaks meanwhile (the peer went away), it is
+called, so the sender can report the message as lost. A server answers a one-way stream only with
+an error frame, just before it closes it.
 """
 
 from __future__ import annotations
@@ -74,12 +82,14 @@ async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int)
 
 
 # server side ---------------------------------------------------------------------------------
-async def serve_requests(p2p: P2P, name: str, handler: Handler, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+async def serve_requests(p2p: P2P, name: str, handler: Handler, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                         one_way: bool = False) -> None:
+    """Serve ``name``; with ``one_way`` the handler's return value is dropped and nothing is answered."""
     async def handle_stream(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
         with closing(writer):
             try:
-                await _answer_requests(context, reader, writer, handler, max_message_bytes)
+                await _answer_requests(context, reader, writer, handler, max_message_bytes, one_way)
             except asyncio.CancelledError:
                 pass  # shutdown: asyncio's stream callback (3.11) would log a cancelled connection task as an error
 
@@ -90,13 +100,16 @@ async def stop_serving(p2p: P2P, name: str) -> None:
     await p2p.remove_binary_stream_handler(name)
 
 
-async def _answer_requests(context: P2PContext, reader, writer, handler: Handler, max_bytes: int) -> None:
+async def _answer_requests(context: P2PContext, reader, writer, handler: Handler, max_bytes: int, one_way: bool) -> None:
     while True:
         try:
             request = await read_frame(reader, runtime_pb2.ExpertRequest, max_bytes)
         except (EndOfStream, asyncio.IncompleteReadError, ConnectionError):
             return  # the caller closed the stream, or its peer went away
         except FrameError as error:
+            if one_way and not error.fatal:
+                logger.info("%s: dropped a message from %s: %s", context.handle_name, context.remote_id, error)
+                continue
             await P2P.send_protobuf(wire.error_response(str(error)), writer)
             if error.fatal:
                 return
@@ -106,6 +119,8 @@ async def _answer_requests(context: P2PContext, reader, writer, handler: Handler
         except Exception as error:  # a bug must answer this request only, not end the other sessions' stream
             logger.exception("%s failed on a request from %s", context.handle_name, context.remote_id)
             response = wire.error_response(f"internal error: {type(error).__name__}: {error}")
+        if one_way:
+            continue
         try:
             await P2P.send_protobuf(response, writer)
         except ConnectionError:
@@ -116,9 +131,12 @@ async def _answer_requests(context: P2PContext, reader, writer, handler: Handler
 class RequestChannel:
     """One open stream to one peer; responses are matched to requests by order."""
 
-    def __init__(self, peer_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int) -> None:
+    def __init__(self, peer_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int,
+                 unanswered_window: float = 30.0) -> None:
         self.peer_id, self._reader, self._writer, self._max_bytes = peer_id, reader, writer, max_bytes
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
+        self._unanswered: dict[str, tuple[float, Callable[[str], None]]] = {}  # one-way messages' key -> (sent at, on_broken)
+        self._unanswered_window = unanswered_window
         self.closed_because: str | None = None
         self.last_used = time.monotonic()
         self._reading = asyncio.create_task(self._read_responses())
@@ -140,13 +158,30 @@ class RequestChannel:
             self.close(f"no answer from {self.peer_id} within {timeout} s")
             raise ChannelError(self.closed_because) from None
 
+    async def send(self, request: runtime_pb2.ExpertRequest, on_broken: Callable[[str], None] | None = None,
+                   key: str = "") -> None:
+        """Writes a one-way message; ``on_broken(reason)`` is called if the stream breaks before the
+        next message with the same ``key``, or ``unanswered_window`` s, whichever comes first."""
+        if self.closed_because is not None:
+            raise ChannelError(self.closed_because)
+        self.last_used = now = time.monotonic()
+        for stale in [key for key, (sent_at, _) in self._unanswered.items() if now - sent_at > self._unanswered_window]:
+            del self._unanswered[stale]
+        if on_broken is not None:
+            self._unanswered[key] = (now, on_broken)
+        try:
+            await P2P.send_protobuf(request, self._writer)
+        except Exception as error:
+            self.close(f"stream to {self.peer_id} broke while sending: {error!r}")
+            raise ChannelError(self.closed_because) from None
+
     async def _read_responses(self) -> None:
         reason = f"stream to {self.peer_id} was closed by the peer"
         try:
             while True:
                 response = await read_frame(self._reader, runtime_pb2.ExpertResponse, self._max_bytes)
                 if not self._waiting:
-                    reason = f"{self.peer_id} sent a response to no request"
+                    reason = f"{self.peer_id} answered no request (an error before it closed?): {response.metadata[:300]!r}"
                     break
                 answer = self._waiting.popleft()
                 if not answer.done():
@@ -159,7 +194,8 @@ class RequestChannel:
             return
         self.close(reason)
 
-    def close(self, reason: str = "channel closed") -> None:
+    def close(self, reason: str = "channel closed", broken: bool = True) -> None:
+        """Ends the stream; ``broken`` (not an idle or final close) also calls the armed ``on_broken``s."""
         if self.closed_because is not None:
             return
         self.closed_because = reason
@@ -167,6 +203,12 @@ class RequestChannel:
             answer = self._waiting.popleft()
             if not answer.done():
                 answer.set_exception(ChannelError(reason))
+        unanswered, self._unanswered = self._unanswered, {}
+        for _, on_broken in unanswered.values() if broken else ():
+            try:
+                on_broken(reason)
+            except Exception:
+                logger.exception("on_broken callback failed")
         if self._reading is not asyncio.current_task():
             self._reading.cancel()
         self._writer.close()
@@ -175,8 +217,9 @@ class RequestChannel:
 class ChannelPool:
     """Open streams to peers' ``name`` handler, one per peer, opened on first use and reopened after a failure."""
 
-    def __init__(self, p2p: P2P, name: str, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, p2p: P2P, name: str, max_message_bytes: int = MAX_MESSAGE_BYTES, unanswered_window: float = 30.0) -> None:
         self.p2p, self.name, self.max_message_bytes = p2p, name, max_message_bytes
+        self.unanswered_window = unanswered_window
         self._channels: dict[str, RequestChannel] = {}
         self._opening: dict[str, asyncio.Lock] = {}
 
@@ -185,6 +228,14 @@ class ChannelPool:
         if channel is None or channel.closed_because is not None:  # no await before the write on an open stream
             channel = await asyncio.wait_for(self._channel(peer_id), timeout)
         return await channel.call(request, timeout)
+
+    async def send(self, peer_id: str, request: runtime_pb2.ExpertRequest, on_broken: Callable[[str], None] | None = None,
+                   key: str = "", timeout: float = 30.0) -> None:
+        """A one-way message (see ``RequestChannel.send``); ``timeout`` bounds opening the stream."""
+        channel = self._channels.get(peer_id)
+        if channel is None or channel.closed_because is not None:
+            channel = await asyncio.wait_for(self._channel(peer_id), timeout)
+        await channel.send(request, on_broken, key)
 
     async def _channel(self, peer_id: str) -> RequestChannel:
         channel = self._channels.get(peer_id)
@@ -197,14 +248,15 @@ class ChannelPool:
                     _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), self.name)
                 except Exception as error:
                     raise ChannelError(f"cannot open a stream to {peer_id}: {error!r}") from None
-                channel = self._channels[peer_id] = RequestChannel(peer_id, reader, writer, self.max_message_bytes)
+                channel = self._channels[peer_id] = RequestChannel(peer_id, reader, writer, self.max_message_bytes,
+                                                                   self.unanswered_window)
             return channel
 
     def close_idle(self, max_idle: float) -> int:
         now, closed = time.monotonic(), 0
         for peer_id, channel in list(self._channels.items()):
             if channel.closed_because is not None or now - channel.last_used > max_idle:
-                channel.close(f"stream to {peer_id} idle for {max_idle} s")
+                channel.close(f"stream to {peer_id} idle for {max_idle} s", broken=False)
                 del self._channels[peer_id]
                 self._opening.pop(peer_id, None)
                 closed += 1
@@ -212,6 +264,6 @@ class ChannelPool:
 
     def close_all(self) -> None:
         for channel in self._channels.values():
-            channel.close()
+            channel.close(broken=False)
         self._channels.clear()
         self._opening.clear()

@@ -3,8 +3,10 @@
 A peer that sends chained steps with ``StepRequest.deliver_to`` hosts a ``DeliveryServicer``.
 Call order: ``start(p2p)`` once; per step ``expect(step_id, chain)`` before sending the step,
 ``await wait(step_id, timeout)`` for the answer, ``forget(step_id)`` when done (also after errors);
-``shutdown()`` at the end. Servers call ``rpc_deliver`` through :func:`deliver`, on an open stream
-(:mod:`efedllm.channel`, handle ``DELIVERY_STREAM``); a unary ``rpc_deliver`` is served too.
+``shutdown()`` at the end. Servers call ``rpc_deliver`` through :func:`deliver`, as one-way messages on
+an open stream (:mod:`efedllm.channel`, handle ``DELIVERY_PUSH``: an answer to a delivery would only
+cost both peers a wake-up); a unary ``rpc_deliver`` is served too. ``fail(step_id, peer_id, reason)``
+ends a wait with a failure the requester found itself (its stream to the first hop broke).
 
 A delivery is validated strictly: it must name a step that is awaited, an output may only come
 from the chain's last hop and an error report only from a hop of that chain.
@@ -13,6 +15,7 @@ from the chain's last hop and an error report only from a hop of that chain.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 from hivemind.p2p import P2P, P2PContext, ServicerBase
@@ -22,8 +25,9 @@ from efedllm import wire
 from efedllm.channel import ChannelPool, serve_requests, stop_serving
 from efedllm.records import DeliveredStep, RecordError
 
+logger = logging.getLogger(__name__)
 DELIVERY_TIMEOUT = 20.0
-DELIVERY_STREAM = "DeliveryServicer.rpc_deliver.stream"
+DELIVERY_PUSH = "DeliveryServicer.rpc_deliver.push"
 
 
 @dataclass
@@ -42,14 +46,14 @@ class DeliveryServicer(ServicerBase):
     async def start(self, p2p: P2P) -> None:
         self._p2p = p2p
         await self.add_p2p_handlers(p2p)
-        await serve_requests(p2p, DELIVERY_STREAM, self.rpc_deliver)
+        await serve_requests(p2p, DELIVERY_PUSH, self._on_pushed_delivery, one_way=True)
 
     async def shutdown(self) -> None:
         for awaited in self._awaited.values():
             awaited.future.cancel()
         self._awaited.clear()
         if self._p2p is not None:
-            await stop_serving(self._p2p, DELIVERY_STREAM)
+            await stop_serving(self._p2p, DELIVERY_PUSH)
             await self.remove_p2p_handlers(self._p2p)
             self._p2p = None
 
@@ -60,6 +64,12 @@ class DeliveryServicer(ServicerBase):
         awaited = self._awaited.pop(step_id, None)
         if awaited is not None and not awaited.future.done():
             awaited.future.cancel()
+
+    def fail(self, step_id: str, peer_id: str, reason: str) -> None:
+        """Ends the wait for ``step_id`` (if any) with a failure that blames ``peer_id``."""
+        awaited = self._awaited.get(step_id)
+        if awaited is not None and not awaited.future.done():
+            awaited.future.set_result((DeliveredStep(step_id, reason[:4096], peer_id), []))
 
     async def wait(self, step_id: str, timeout: float) -> tuple[DeliveredStep, list]:
         """The delivered metadata and tensors; ``asyncio.TimeoutError`` when nothing came in time."""
@@ -78,6 +88,12 @@ class DeliveryServicer(ServicerBase):
             await asyncio.sleep(0)  # the waiting step goes on (the client's next token) before this acknowledgement is sent
         return wire.response({"ok": True})
 
+    async def _on_pushed_delivery(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> None:
+        answer = await self.rpc_deliver(request, context)
+        reply = wire.unpack_metadata(answer.metadata)
+        if not reply.get("ok"):  # e.g. a late report for a step already answered: nobody to tell
+            logger.debug("dropped a delivery from %s: %s", context.remote_id, reply.get("error"))
+
     def _check_sender(self, delivered: DeliveredStep, sender: str) -> None:
         awaited = self._awaited.get(delivered.step_id)
         if awaited is None:
@@ -89,9 +105,6 @@ class DeliveryServicer(ServicerBase):
 
 
 async def deliver(channels: ChannelPool, peer_id: str, delivered: DeliveredStep, tensors=()) -> None:
-    """Send ``delivered`` (and the output ``tensors``) to ``peer_id``'s ``DeliveryServicer`` over ``channels``
-    (a pool of streams to ``DELIVERY_STREAM``); raises on failure."""
-    answer = await channels.call(peer_id, wire.request(delivered.to_wire(), tensors), DELIVERY_TIMEOUT)
-    reply = wire.unpack_metadata(answer.metadata)
-    if not reply.get("ok"):
-        raise RecordError(f"{peer_id} refused the delivery: {reply.get('error')}")
+    """Send ``delivered`` (and the output ``tensors``) one way to ``peer_id``'s ``DeliveryServicer`` over
+    ``channels`` (a pool of streams to ``DELIVERY_PUSH``); raises ``ChannelError`` if it cannot be sent."""
+    await channels.send(peer_id, wire.request(delivered.to_wire(), tensors), timeout=DELIVERY_TIMEOUT)

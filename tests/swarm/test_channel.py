@@ -107,3 +107,43 @@ def test_timeouts_and_a_dead_peer_fail_the_waiting_calls_and_the_stream_is_repla
             await server.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_one_way_messages_arrive_in_order_and_a_lost_peer_calls_on_broken_once_per_key():
+    async def scenario():
+        server, client = await two_peers()
+        received = []
+
+        async def record(request, context) -> None:
+            data = wire.unpack_metadata(request.metadata)
+            if data.get("fail"):
+                raise RuntimeError("a one-way handler failed")  # logged; nothing goes back
+            received.append(data["n"])
+
+        try:
+            await serve_requests(server, NAME, record, one_way=True)
+            pool = ChannelPool(client, NAME, unanswered_window=60.0)
+            peer, broken = server.peer_id.to_base58(), []
+            await pool.send(peer, wire.request({"fail": True}))
+            for n in range(10):  # sessions "a" and "b" each arm on_broken; each new message re-arms its key
+                await pool.send(peer, wire.request({"n": n}), lambda reason, n=n: broken.append(n), key="ab"[n % 2])
+            for _ in range(100):
+                if len(received) == 10:
+                    break
+                await asyncio.sleep(0.05)
+            assert received == list(range(10))
+            await server.shutdown()
+            for _ in range(200):
+                if broken:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            assert sorted(broken) == [8, 9]  # only each key's last message is reported lost
+            with pytest.raises(ChannelError):
+                await pool.send(peer, wire.request({"n": 10}), timeout=5.0)
+            pool.close_all()
+        finally:
+            await client.shutdown()
+            await server.shutdown()
+
+    asyncio.run(scenario())

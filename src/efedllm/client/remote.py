@@ -93,15 +93,23 @@ class HopFailure(RuntimeError):
 
 class RemoteSpanStub:
     """Calls to one server's ``rpc_*`` handlers; with ``steps`` (a pool of open streams to
-    ``STEP_STREAM``) ``rpc_step`` travels on an open stream, the other handlers as unary calls."""
+    ``STEP_STREAM``) ``rpc_step`` travels on an open stream, the other handlers as unary calls;
+    ``push_step`` sends a delivered step one way on ``pushes`` (streams to ``STEP_PUSH``)."""
 
-    def __init__(self, p2p, peer_id: str, steps: ChannelPool | None = None) -> None:
+    def __init__(self, p2p, peer_id: str, steps: ChannelPool | None = None, pushes: ChannelPool | None = None) -> None:
         from hivemind.p2p import PeerID
 
         from efedllm.server.handler import SpanServicer
 
-        self.peer_id, self.steps = peer_id, steps
+        self.peer_id, self.steps, self.pushes = peer_id, steps, pushes
         self.stub = SpanServicer.get_stub(p2p, PeerID.from_base58(peer_id))
+
+    async def push_step(self, step: StepRequest, tensors, on_lost, timeout: float) -> None:
+        """Sends a delivered step without waiting for any answer; ``on_lost(reason)`` if the stream breaks first."""
+        try:
+            await self.pushes.send(self.peer_id, wire.request(step.to_wire(), tensors), on_lost, step.session_id, timeout)
+        except Exception as error:
+            raise HopFailure(self.peer_id, f"sending a step to {self.peer_id} failed: {error!r}") from None
 
     async def call(self, method: str, metadata: dict, tensors=(), timeout: float = 30.0):
         request = wire.request(metadata, tensors)
@@ -153,15 +161,17 @@ class RemoteInferenceSession:
             for hop, session_id in zip(self.route, self.session_ids)
         ), return_exceptions=True)
 
-    def step(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.model.run(self._step_with_failover(hidden_states))
+    def step(self, hidden_states: torch.Tensor, relay: bool = False) -> torch.Tensor:
+        """Runs ``hidden_states`` [1, tokens, hidden] through the chain; ``relay`` sends this step hop by hop
+        from the client (as ``RemoteClientConfig.relay`` does for every step)."""
+        return self.model.run(self._step_with_failover(hidden_states, relay))
 
-    async def _step_with_failover(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    async def _step_with_failover(self, hidden_states: torch.Tensor, relay: bool = False) -> torch.Tensor:
         config = self.model.config
         inputs, position = hidden_states, self.position
         for attempt in range(config.max_retries + 1):
             try:
-                outputs = await self._send(inputs, position)
+                outputs = await self._send(inputs, position, relay)
                 break
             except HopFailure as failure:
                 if attempt == config.max_retries:
@@ -199,10 +209,10 @@ class RemoteInferenceSession:
                 view_max_age = 0.0
                 await asyncio.sleep(0.5)
 
-    async def _send(self, hidden_states: torch.Tensor, position: int) -> torch.Tensor:
+    async def _send(self, hidden_states: torch.Tensor, position: int, relay: bool = False) -> torch.Tensor:
         wire_format = self.model.wire_format
         hops = [Hop(hop.peer_id, hop.blocks, session_id) for hop, session_id in zip(self.route, self.session_ids)]
-        if self.model.config.relay or self._relay_next_step:
+        if relay or self.model.config.relay or self._relay_next_step:
             self._relay_next_step = False
             for hop in hops:
                 hidden_states = await self._call_hop(hop, (), hidden_states, position, wire_format)
@@ -215,9 +225,14 @@ class RemoteInferenceSession:
         """The step through the whole chain; the last hop delivers the output to this client."""
         delivery, step_id = self.model.delivery, uuid.uuid4().hex
         delivery.expect(step_id, tuple(hop.peer_id for hop in hops))
+        first = hops[0].peer_id
         try:
-            await self._send_step(hops[0], tuple(hops[1:]), hidden_states, position, wire_format,
-                                  Delivery(self.model.peer_id, step_id))
+            step = StepRequest(hops[0].session_id, hops[0].span, position, wire_format, tuple(hops[1:]),
+                               Delivery(self.model.peer_id, step_id))
+            tensors = wire.encode_hidden(hidden_states, wire_format)
+            self.model.bytes_sent += wire.wire_bytes(tensors)
+            await self.model.stub(first).push_step(step, tensors, lambda reason: delivery.fail(step_id, first, reason),
+                                                   self.model.config.request_timeout)
             delivered, tensors = await delivery.wait(step_id, self.model.config.request_timeout)
         except asyncio.TimeoutError:
             raise HopFailure(None, f"no output from the chain within {self.model.config.request_timeout} s") from None
@@ -231,9 +246,8 @@ class RemoteInferenceSession:
         answer = await self._send_step(hop, rest, hidden_states, position, wire_format)
         return self._decode_answer(answer.tensors, hop.peer_id, wire_format)
 
-    async def _send_step(self, hop: Hop, rest: tuple[Hop, ...], hidden_states, position: int, wire_format: str,
-                         deliver_to: Delivery | None = None):
-        request = StepRequest(hop.session_id, hop.span, position, wire_format, rest, deliver_to)
+    async def _send_step(self, hop: Hop, rest: tuple[Hop, ...], hidden_states, position: int, wire_format: str):
+        request = StepRequest(hop.session_id, hop.span, position, wire_format, rest)
         tensors = wire.encode_hidden(hidden_states, wire_format)
         self.model.bytes_sent += wire.wire_bytes(tensors)
         return await self.model.stub(hop.peer_id).call("rpc_step", request.to_wire(), tensors, self.model.config.request_timeout)
@@ -245,8 +259,9 @@ class RemoteInferenceSession:
             raise HopFailure(peer_id, f"bad answer from {peer_id}: {error}") from None
 
 
-async def _close_streams(channels: ChannelPool) -> None:
-    channels.close_all()  # on the event loop: it closes stream writers and cancels their readers
+async def _close_streams(*pools: ChannelPool) -> None:
+    for pool in pools:
+        pool.close_all()  # on the event loop: it closes stream writers and cancels their readers
 
 
 async def _cancel_other_tasks() -> None:
@@ -304,9 +319,9 @@ class DistributedModelForCausalLM(CausalLMClient):
         self.peer_id = self.p2p.peer_id.to_base58()
         self.delivery = DeliveryServicer()
         self.run(self.delivery.start(self.p2p))
-        from efedllm.server.handler import STEP_STREAM
+        from efedllm.server.handler import STEP_PUSH, STEP_STREAM
 
-        self.steps = ChannelPool(self.p2p, STEP_STREAM)
+        self.steps, self.pushes = ChannelPool(self.p2p, STEP_STREAM), ChannelPool(self.p2p, STEP_PUSH)
         self.wait_for_coverage(self.config.discovery_timeout)
         if self.config.refresh_view_in_background and self.config.server_view_max_age > 0:
             asyncio.run_coroutine_threadsafe(self._refresh_view_periodically(0.8 * self.config.server_view_max_age), self._loop)
@@ -316,7 +331,7 @@ class DistributedModelForCausalLM(CausalLMClient):
             if getattr(self, "delivery", None) is not None:
                 self.run(self.delivery.shutdown())
             if getattr(self, "steps", None) is not None:
-                self.run(_close_streams(self.steps))
+                self.run(_close_streams(self.steps, self.pushes))
             self.run(_cancel_other_tasks())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
@@ -405,7 +420,7 @@ class DistributedModelForCausalLM(CausalLMClient):
 
     def stub(self, peer_id: str) -> RemoteSpanStub:
         if peer_id not in self._stubs:
-            self._stubs[peer_id] = RemoteSpanStub(self.p2p, peer_id, self.steps)
+            self._stubs[peer_id] = RemoteSpanStub(self.p2p, peer_id, self.steps, self.pushes)
         return self._stubs[peer_id]
 
     # sessions ------------------------------------------------------------------------------

@@ -13,9 +13,13 @@ way, measured worse: the acknowledgement then leaves beside the hidden state and
 ~0.2 ms per hop.) Every request is validated; an error answers that
 request only and names what was wrong, or which downstream peer failed.
 
-Steps also arrive on open streams (:mod:`efedllm.channel`, handle ``STEP_STREAM``), each request
-handled by ``rpc_step`` as if it came as a unary call; clients and forwarding servers send them that
-way, and forwards and deliveries leave this server on open streams too.
+Steps also arrive on open streams (:mod:`efedllm.channel`): on ``STEP_STREAM`` each request is
+handled by ``rpc_step`` as if it came as a unary call (relayed steps, answers along the chain); on
+the one-way ``STEP_PUSH`` stream come delivered steps, which get no acknowledgement at all: each is
+computed at once and pushed on to the next hop, and the last hop pushes the output to the
+requester's ``DELIVERY_PUSH``. A step that cannot be served there is reported to the requester by
+delivery, and so is one lost because the stream to the next hop broke. A chained step is thus four
+messages for three servers: client, hop, hop, hop, client.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from hivemind.proto import runtime_pb2
 
 from efedllm import wire
 from efedllm.channel import ChannelPool, serve_requests, stop_serving
-from efedllm.delivery import DELIVERY_STREAM, deliver
+from efedllm.delivery import DELIVERY_PUSH, deliver
 from efedllm.models.sessions import SpanInputError, SpanSessions
 from efedllm.records import DeliveredStep, OpenSessionRequest, RecordError, StepRequest, WeightsRequest
 
@@ -41,6 +45,7 @@ logger = logging.getLogger(__name__)
 INLINE_STEP_TOKENS = 1
 FORWARD_TIMEOUT = 20.0  # below the client's default request timeout, so a stalled hop is reported first
 STEP_STREAM = "SpanServicer.rpc_step.stream"
+STEP_PUSH = "SpanServicer.rpc_step.push"
 
 
 class DownstreamError(RuntimeError):
@@ -60,14 +65,17 @@ class SpanServicer(ServicerBase):
         self.last_used: dict[str, float] = {}
         self.steps_served = 0
         self._hand_ons: set[asyncio.Task] = set()  # forwards of delivered steps still in flight
-        self.forwards = ChannelPool(p2p, STEP_STREAM)  # open streams to next hops
-        self.deliveries = ChannelPool(p2p, DELIVERY_STREAM)  # open streams to requesters
+        self.forwards = ChannelPool(p2p, STEP_STREAM)  # steps answered along the chain, to next hops
+        self.pushes = ChannelPool(p2p, STEP_PUSH, unanswered_window=FORWARD_TIMEOUT)  # delivered steps, to next hops
+        self.deliveries = ChannelPool(p2p, DELIVERY_PUSH)  # outputs and failure reports, to requesters
 
     async def add_p2p_handlers(self, p2p: P2P, *args, **kwargs) -> None:
         await super().add_p2p_handlers(p2p, *args, **kwargs)
         await serve_requests(p2p, STEP_STREAM, self.rpc_step)
+        await serve_requests(p2p, STEP_PUSH, self.on_pushed_step, one_way=True)
 
     async def remove_p2p_handlers(self, p2p: P2P, *args, **kwargs) -> None:
+        await stop_serving(p2p, STEP_PUSH)
         await stop_serving(p2p, STEP_STREAM)
         await super().remove_p2p_handlers(p2p, *args, **kwargs)
 
@@ -105,15 +113,36 @@ class SpanServicer(ServicerBase):
             return wire.response({"ok": True}, tensors)
         return await self._forward(step, tensors)
 
+    async def on_pushed_step(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> None:
+        """A delivered step from ``STEP_PUSH``: no acknowledgement, so every outcome goes to the requester."""
+        try:
+            step = StepRequest.from_wire(wire.unpack_metadata(request.metadata))
+        except RecordError as error:
+            logger.info("unreadable one-way step from %s: %s", context.remote_id, error)
+            return
+        if step.deliver_to is None:
+            logger.info("one-way step from %s names no requester to deliver to", context.remote_id)
+            return
+        try:
+            hidden = self._step_inputs(step, request)
+        except (RecordError, SpanInputError) as error:
+            await self._report(step, str(error), self.p2p.peer_id.to_base58())
+            return
+        await self._compute_and_hand_on(step, hidden, acknowledged=False)
+
     def _read_step(self, request: runtime_pb2.ExpertRequest):
         """(the validated StepRequest, its hidden states); raises RecordError or SpanInputError naming the problem."""
         step = StepRequest.from_wire(wire.unpack_metadata(request.metadata))
+        return step, self._step_inputs(step, request)
+
+    def _step_inputs(self, step: StepRequest, request: runtime_pb2.ExpertRequest):
+        """The step's hidden states, checked against this server's session and wire formats."""
         if step.wire_format not in self.wire_formats:
             raise RecordError(f"wire format {step.wire_format!r} is not accepted here: {list(self.wire_formats)}")
         session = self.sessions.get(step.session_id)
         if step.span != session.blocks:
             raise RecordError(f"step for blocks {step.span} sent to a session of blocks {session.blocks}")
-        return step, wire.decode_hidden(request.tensors, step.wire_format, self.sessions.model.dtype)
+        return wire.decode_hidden(request.tensors, step.wire_format, self.sessions.model.dtype)
 
     async def rpc_span_weights(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
@@ -154,11 +183,29 @@ class SpanServicer(ServicerBase):
         answer, error, failed_peer = await self._call_next_hop(step, tensors)
         return answer if answer is not None else wire.error_response(error, failed_peer=failed_peer)
 
+    async def _push_next_hop(self, step: StepRequest, tensors) -> None:
+        """Sends a delivered step on, one way; if it is lost (the stream breaks first), the requester hears of it."""
+        next_hop = step.next_hops[0]
+
+        def lost(reason: str) -> None:
+            self._start_hand_on(self._report(step, f"next hop {next_hop.peer_id} failed: {reason}", next_hop.peer_id))
+
+        try:
+            await self.pushes.send(next_hop.peer_id, wire.request(self._next_step(step).to_wire(), tensors), lost,
+                                   key=next_hop.session_id, timeout=FORWARD_TIMEOUT)
+        except Exception as error:
+            logger.info("pushing to %s failed: %r", next_hop.peer_id, error)
+            await self._report(step, f"next hop {next_hop.peer_id} failed: {error!r}", next_hop.peer_id)
+
+    @staticmethod
+    def _next_step(step: StepRequest) -> StepRequest:
+        next_hop = step.next_hops[0]
+        return StepRequest(next_hop.session_id, next_hop.span, step.position, step.wire_format, step.next_hops[1:],
+                           step.deliver_to)
+
     async def _call_next_hop(self, step: StepRequest, tensors) -> tuple[runtime_pb2.ExpertResponse | None, str, str]:
         """(the next hop's answer, "", "") when it accepted the step, else (None, error, peer to blame)."""
-        next_hop, rest = step.next_hops[0], step.next_hops[1:]
-        forwarded = StepRequest(next_hop.session_id, next_hop.span, step.position, step.wire_format, rest,
-                                step.deliver_to)
+        next_hop, forwarded = step.next_hops[0], self._next_step(step)
         try:
             answer = await self.forwards.call(next_hop.peer_id, wire.request(forwarded.to_wire(), tensors), FORWARD_TIMEOUT)
             reply = wire.unpack_metadata(answer.metadata)
@@ -176,10 +223,10 @@ class SpanServicer(ServicerBase):
         self._hand_ons.add(task)
         task.add_done_callback(self._hand_ons.discard)
 
-    async def _compute_and_hand_on(self, step: StepRequest, hidden) -> None:
-        """A delivered step after its acknowledgement: compute, then forward it or, on the last hop,
-        deliver the output; a failure is reported to the requester, naming the hop to blame."""
-        for _ in range(2):
+    async def _compute_and_hand_on(self, step: StepRequest, hidden, acknowledged: bool = True) -> None:
+        """A delivered step (after its acknowledgement, if it came as a call): compute, then push it on or,
+        on the last hop, deliver the output; a failure is reported to the requester, naming the hop to blame."""
+        for _ in range(2 if acknowledged else 0):
             await asyncio.sleep(0)  # let the acknowledgement be written first (hivemind queues it to a writer task)
         try:
             tensors = await self._compute_step(step, hidden)
@@ -189,9 +236,7 @@ class SpanServicer(ServicerBase):
             await self._report(step, f"{type(error).__name__}: {error}", self.p2p.peer_id.to_base58())
             return
         if step.next_hops:
-            _, error, failed_peer = await self._call_next_hop(step, tensors)
-            if failed_peer:
-                await self._report(step, error, failed_peer)
+            await self._push_next_hop(step, tensors)
             return
         try:
             await deliver(self.deliveries, step.deliver_to.peer_id, DeliveredStep(step.deliver_to.step_id), tensors)
@@ -210,13 +255,13 @@ class SpanServicer(ServicerBase):
         for task in list(self._hand_ons):
             task.cancel()
         await asyncio.gather(*self._hand_ons, return_exceptions=True)
-        self.forwards.close_all()
-        self.deliveries.close_all()
+        for pool in (self.forwards, self.pushes, self.deliveries):
+            pool.close_all()
 
     def close_idle_sessions(self, idle_timeout: float) -> int:
         """Closes sessions (and open streams to other peers) unused for ``idle_timeout`` s; returns the sessions closed."""
-        self.forwards.close_idle(idle_timeout)
-        self.deliveries.close_idle(idle_timeout)
+        for pool in (self.forwards, self.pushes, self.deliveries):
+            pool.close_idle(idle_timeout)
         now, closed = time.monotonic(), 0
         for session_id, used in list(self.last_used.items()):
             if now - used > idle_timeout and session_id in self.sessions:
