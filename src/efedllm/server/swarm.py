@@ -43,12 +43,17 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def peer_id_of(server: ServerProcess) -> str | None:
-    """The peer id a server printed when it came up."""
-    for line in server.log().splitlines():
-        if line.startswith("efedllm server ") and " serves blocks " in line:
-            return line.split()[2]
-    return None
+def peer_id_of(server: ServerProcess, timeout: float = 10.0) -> str | None:
+    """The peer id a server printed when it came up; waits up to ``timeout`` s for the line, since a
+    server announces itself online in the DHT just before it prints it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in server.log().splitlines():
+            if line.startswith("efedllm server ") and " serves blocks " in line:
+                return line.split()[2]
+        if time.monotonic() > deadline or server.process.poll() is not None:
+            return None
+        time.sleep(0.1)
 
 
 def server_environment(environment) -> dict:
