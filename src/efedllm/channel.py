@@ -129,7 +129,8 @@ async def _answer_requests(context: P2PContext, reader, writer, handler: Handler
 
 # client side ---------------------------------------------------------------------------------
 class RequestChannel:
-    """One open stream to one peer; responses are matched to requests by order."""
+    """One open stream to one peer: requests whose responses are matched to them by order (``call``),
+    or one-way messages (``send``)."""
 
     def __init__(self, peer_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int,
                  unanswered_window: float = 30.0) -> None:
@@ -165,13 +166,14 @@ class RequestChannel:
         if self.closed_because is not None:
             raise ChannelError(self.closed_because)
         self.last_used = now = time.monotonic()
-        for stale in [key for key, (sent_at, _) in self._unanswered.items() if now - sent_at > self._unanswered_window]:
+        for stale in [armed for armed, (sent_at, _) in self._unanswered.items() if now - sent_at > self._unanswered_window]:
             del self._unanswered[stale]
         if on_broken is not None:
             self._unanswered[key] = (now, on_broken)
         try:
             await P2P.send_protobuf(request, self._writer)
         except Exception as error:
+            self._unanswered.pop(key, None)  # the caller hears of this message from the exception, not twice
             self.close(f"stream to {self.peer_id} broke while sending: {error!r}")
             raise ChannelError(self.closed_because) from None
 

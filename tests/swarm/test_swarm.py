@@ -117,28 +117,35 @@ def test_bad_requests_get_errors_and_server_keeps_serving(swarm, remote_model, l
 
 
 def test_num_blocks_fills_thinnest_span_and_failover_after_sigkill(swarm, local_pipeline):
-    """A spare server picks the thinnest window; killing a chain server mid-generation changes no token."""
+    """A spare server picks the thinnest window; killing the first hop, then a middle hop, in the
+    middle of a generation changes no token, and each loss is reported at once (one failover each,
+    blaming the dead peer), not found by waiting out the request timeout."""
     swarm.start_server(num_blocks=10, extra=["--no-rebalance"])
     records = swarm.wait_until_online(4)
     spans = sorted(info.span for info in records.values())
     assert spans == [Span(0, 10), Span(0, 10), Span(10, 20), Span(20, 30)]  # every block was covered once: leftmost
+    swarm.start_server("10:20", extra=["--no-rebalance"])
+    swarm.wait_until_online(5)
     input_ids = local_pipeline.encode_prompt(PROMPT)
     greedy = GenerationConfig(max_new_tokens=32, greedy=True, stop_on_eos=False)
     expected = local_pipeline.generate(input_ids, greedy).token_ids
 
-    model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", swarm.initial_peers)
+    # a lost step found by the timeout would relay the next step to find the culprit: 2 failovers per kill
+    model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", swarm.initial_peers,
+                                                       RemoteClientConfig(request_timeout=60.0))
     try:
         with model.inference_session(max_length=input_ids.shape[1] + 32) as session:
-            tokens, step_ids = [], input_ids
+            tokens, step_ids, killed = [], input_ids, []
             for index in range(32):
-                if index == 10:
-                    first_hop = session.route[0].peer_id
-                    swarm.kill(next(server for server in swarm.servers if peer_id_of(server) == first_hop))
+                if index in (10, 20):  # the first hop (the client's stream to it breaks), then the middle one
+                    killed.append(session.route[0 if index == 10 else 1].peer_id)
+                    swarm.kill(next(server for server in swarm.servers if peer_id_of(server) == killed[-1]))
                 hidden = session.step(local_pipeline.parts.embed(step_ids))
                 token = int(local_pipeline.parts.logits(hidden[:, -1:])[0, -1].argmax())
                 tokens.append(token)
                 step_ids = torch.tensor([[token]])
-            assert session.failovers >= 1 and first_hop not in {hop.peer_id for hop in session.route}
+            assert session.failovers == 2 and not set(killed) & {hop.peer_id for hop in session.route}
+            assert set(killed) <= model.banned
         assert tokens == expected
     finally:
         model.shutdown()
