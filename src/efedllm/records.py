@@ -248,10 +248,10 @@ def _check_session_id(value: Any) -> str:
 class Delivery:
     """Where the last hop of a chain sends a step's output: the requesting peer and its step id.
 
-    With a delivery, every hop acknowledges a valid request at once, then computes and hands its
-    output on, and the last hop calls the requester's ``rpc_deliver``
-    (:class:`efedllm.delivery.DeliveryServicer`): the answer does not travel back along the chain.
-    A hop that fails after its acknowledgement reports the error there, naming the peer to blame.
+    With a delivery, every hop computes and hands its output on, and the last hop calls the
+    requester's ``rpc_deliver`` (:class:`efedllm.delivery.DeliveryServicer`): the answer does not
+    travel back along the chain. A hop that cannot serve the step, or finds its next hop gone,
+    reports the error there, naming the peer to blame (:mod:`efedllm.server.handler`).
     """
 
     peer_id: str

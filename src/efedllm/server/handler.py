@@ -3,23 +3,22 @@
 Call order for a session: ``rpc_open_session`` (on every hop), ``rpc_step`` (many times),
 ``rpc_close_session``. ``rpc_span_weights`` streams this server's weights to a joining server
 (:mod:`efedllm.server.weights`). A step with ``next_hops`` is forwarded by this server straight to the
-next hop; no hop returns through the client. With ``deliver_to`` (what clients send) each hop
-acknowledges a valid request at once, then computes and hands its output on, and the last hop
-sends the output straight to the requester (:mod:`efedllm.delivery`), so the answer does not
-travel back along the chain and no acknowledgement is in flight while a hidden state is; a hop that
-fails (or whose next hop fails) reports the peer to blame to the requester the same way. Without
-it the chain's answer comes back hop by hop. (Acknowledging after computing, with the output on its
-way, measured worse: the acknowledgement then leaves beside the hidden state and delays it by
-~0.2 ms per hop.) Every request is validated; an error answers that
+next hop; no hop returns through the client. Every request is validated; an error answers that
 request only and names what was wrong, or which downstream peer failed.
 
-Steps also arrive on open streams (:mod:`efedllm.channel`): on ``STEP_STREAM`` each request is
-handled by ``rpc_step`` as if it came as a unary call (relayed steps, answers along the chain); on
-the one-way ``STEP_PUSH`` stream come delivered steps, which get no acknowledgement at all: each is
-computed at once and pushed on to the next hop, and the last hop pushes the output to the
-requester's ``DELIVERY_PUSH``. A step that cannot be served there is reported to the requester by
-delivery, and so is one lost because the stream to the next hop broke. A chained step is thus four
-messages for three servers: client, hop, hop, hop, client.
+Chained steps with ``deliver_to`` (what clients send) come on the one-way ``STEP_PUSH`` stream
+(:mod:`efedllm.channel`) and get no acknowledgement at all: each is computed at once and pushed on
+to the next hop, and the last hop pushes the output to the requester's ``DELIVERY_PUSH``
+(:mod:`efedllm.delivery`), so the answer does not travel back along the chain. A chained step is
+four messages for three servers: client, hop, hop, hop, client. A step that cannot be served, and
+one lost because the stream to the next hop broke, is reported to the requester by delivery,
+naming the peer to blame. (Acknowledged steps measured slower: an acknowledgement sent before
+computing delays the compute; one sent after, beside the hidden state, delays its transit by
+~0.2 ms per hop.)
+
+``rpc_step`` serves unary calls and the ``STEP_STREAM`` stream (relayed steps, answers along the
+chain, verifiers' probes). A unary step with ``deliver_to`` is acknowledged at once, then computed
+and handed on as above.
 """
 
 from __future__ import annotations
