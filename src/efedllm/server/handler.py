@@ -47,12 +47,6 @@ STEP_STREAM = "SpanServicer.rpc_step.stream"
 STEP_PUSH = "SpanServicer.rpc_step.push"
 
 
-class DownstreamError(RuntimeError):
-    def __init__(self, peer_id: str, message: str) -> None:
-        self.peer_id = peer_id
-        super().__init__(message)
-
-
 class SpanServicer(ServicerBase):
     """Serves one span's sessions. ``compute`` runs blocking tensor work off the event loop."""
 
