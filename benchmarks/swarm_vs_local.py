@@ -33,6 +33,7 @@ import json
 import os
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,6 +52,17 @@ PROMPT = "Write a short story about a lighthouse keeper."
 CONFIG = GenerationConfig(max_new_tokens=TOKENS, greedy=True, stop_on_eos=False)
 
 
+@contextmanager
+def torch_threads(threads: int):
+    """Runs the block with ``threads`` torch threads in this process, then restores the count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class WithThreads:
     """A model whose generate() runs with ``threads`` torch threads in this process."""
 
@@ -58,12 +70,8 @@ class WithThreads:
         self.model, self.threads = model, threads
 
     def generate(self, input_ids, config):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
+        with torch_threads(self.threads):
             return self.model.generate(input_ids, config)
-        finally:
-            torch.set_num_threads(previous)
 
 
 def measure_interleaved(models: dict, input_ids, repeats: int) -> dict:
@@ -85,21 +93,16 @@ def alternating_steps(model, input_ids, token_ids: list[int], pairs: int, thread
     """A chained and a relayed decode step in turn, ``pairs`` times, in one session of ``model``: a pair
     is ~0.15 s apart, so the machine's drift, which swamps whole-generation comparisons here, cancels.
     The LM head runs between steps, as in generation, and is not timed."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
     times = {"chained": [], "relayed": []}
-    try:
-        with model.inference_session(max_length=input_ids.shape[1] + 2 * pairs) as session:
-            hidden = session.step(model.parts.embed(input_ids))
-            for index in range(2 * pairs):
-                model.parts.logits(hidden[:, -1:])
-                relay = index % 2 == 1
-                token = torch.tensor([[token_ids[index % len(token_ids)]]])
-                started = time.perf_counter()
-                hidden = session.step(model.parts.embed(token), relay=relay)
-                times["relayed" if relay else "chained"].append(time.perf_counter() - started)
-    finally:
-        torch.set_num_threads(previous)
+    with torch_threads(threads), model.inference_session(max_length=input_ids.shape[1] + 2 * pairs) as session:
+        hidden = session.step(model.parts.embed(input_ids))
+        for index in range(2 * pairs):
+            model.parts.logits(hidden[:, -1:])
+            relay = index % 2 == 1
+            token = torch.tensor([[token_ids[index % len(token_ids)]]])
+            started = time.perf_counter()
+            hidden = session.step(model.parts.embed(token), relay=relay)
+            times["relayed" if relay else "chained"].append(time.perf_counter() - started)
     return {"pairs": pairs,
             "median_step_ms": {name: round(1e3 * statistics.median(values), 2) for name, values in times.items()},
             "chained_faster_in_pairs": sum(c < r for c, r in zip(times["chained"], times["relayed"]))}

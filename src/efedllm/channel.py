@@ -1,9 +1,9 @@
 """Open streams that carry request/response pairs between two peers: the path every inference step takes.
 
 A unary hivemind call opens a new libp2p stream per request. Between two processes on 127.0.0.1 that
-sit idle ~60 ms between messages, as a chain's servers do between decode steps, one way took 1.31 ms
-as a unary call and 0.77 ms as a message on an open stream (0.84 vs 0.45 ms with 5 ms gaps); a
-3-server chained step sends 4 such messages. So a peer keeps one open stream per remote peer and
+sit idle 60 ms between messages, as a chain's servers do between decode steps, one way took 1.13 ms
+as a unary call and 0.60 ms as a message on an open stream (0.60 vs 0.31 ms with 5 ms gaps;
+``benchmarks/hop_latency.py``); a 3-server chained step sends 4 such messages. So a peer keeps one open stream per remote peer and
 sends each step's request on it.
 
 Both ends speak hivemind's stream framing (a marker byte, an 8-byte length, a protobuf):
@@ -226,23 +226,20 @@ class ChannelPool:
         self._opening: dict[str, asyncio.Lock] = {}
 
     async def call(self, peer_id: str, request: runtime_pb2.ExpertRequest, timeout: float) -> runtime_pb2.ExpertResponse:
-        channel = self._channels.get(peer_id)
-        if channel is None or channel.closed_because is not None:  # no await before the write on an open stream
-            channel = await asyncio.wait_for(self._channel(peer_id), timeout)
-        return await channel.call(request, timeout)
+        return await (await self._channel(peer_id, timeout)).call(request, timeout)
 
     async def send(self, peer_id: str, request: runtime_pb2.ExpertRequest, on_broken: Callable[[str], None] | None = None,
                    key: str = "", timeout: float = 30.0) -> None:
         """A one-way message (see ``RequestChannel.send``); ``timeout`` bounds opening the stream."""
-        channel = self._channels.get(peer_id)
-        if channel is None or channel.closed_because is not None:
-            channel = await asyncio.wait_for(self._channel(peer_id), timeout)
-        await channel.send(request, on_broken, key)
+        await (await self._channel(peer_id, timeout)).send(request, on_broken, key)
 
-    async def _channel(self, peer_id: str) -> RequestChannel:
+    async def _channel(self, peer_id: str, timeout: float) -> RequestChannel:
         channel = self._channels.get(peer_id)
         if channel is not None and channel.closed_because is None:
-            return channel
+            return channel  # no event-loop turn before the write on an open stream
+        return await asyncio.wait_for(self._open(peer_id), timeout)
+
+    async def _open(self, peer_id: str) -> RequestChannel:
         async with self._opening.setdefault(peer_id, asyncio.Lock()):  # two first calls must not open two streams
             channel = self._channels.get(peer_id)
             if channel is None or channel.closed_because is not None:

@@ -85,7 +85,7 @@ class DeliveryServicer(ServicerBase):
         future = self._awaited[delivered.step_id].future
         if not future.done():
             future.set_result((delivered, list(request.tensors)))
-            await asyncio.sleep(0)  # the waiting step goes on (the client's next token) before this acknowledgement is sent
+            await asyncio.sleep(0)  # the waiting step goes on (the client's next token) before this handler answers or reads on
         return wire.response({"ok": True})
 
     async def _on_pushed_delivery(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> None:

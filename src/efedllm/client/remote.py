@@ -229,9 +229,8 @@ class RemoteInferenceSession:
         try:
             step = StepRequest(hops[0].session_id, hops[0].span, position, wire_format, tuple(hops[1:]),
                                Delivery(self.model.peer_id, step_id))
-            tensors = wire.encode_hidden(hidden_states, wire_format)
-            self.model.bytes_sent += wire.wire_bytes(tensors)
-            await self.model.stub(first).push_step(step, tensors, lambda reason: delivery.fail(step_id, first, reason),
+            await self.model.stub(first).push_step(step, self._encode(hidden_states, wire_format),
+                                                   lambda reason: delivery.fail(step_id, first, reason),
                                                    self.model.config.request_timeout)
             delivered, tensors = await delivery.wait(step_id, self.model.config.request_timeout)
         except asyncio.TimeoutError:
@@ -248,9 +247,14 @@ class RemoteInferenceSession:
 
     async def _send_step(self, hop: Hop, rest: tuple[Hop, ...], hidden_states, position: int, wire_format: str):
         request = StepRequest(hop.session_id, hop.span, position, wire_format, rest)
+        return await self.model.stub(hop.peer_id).call("rpc_step", request.to_wire(), self._encode(hidden_states, wire_format),
+                                                       self.model.config.request_timeout)
+
+    def _encode(self, hidden_states: torch.Tensor, wire_format: str) -> list:
+        """The hidden states as sent, counted in the client's ``bytes_sent``."""
         tensors = wire.encode_hidden(hidden_states, wire_format)
         self.model.bytes_sent += wire.wire_bytes(tensors)
-        return await self.model.stub(hop.peer_id).call("rpc_step", request.to_wire(), tensors, self.model.config.request_timeout)
+        return tensors
 
     def _decode_answer(self, tensors, peer_id: str, wire_format: str) -> torch.Tensor:
         try:

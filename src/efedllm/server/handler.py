@@ -61,6 +61,7 @@ class SpanServicer(ServicerBase):
         self.forwards = ChannelPool(p2p, STEP_STREAM)  # steps answered along the chain, to next hops
         self.pushes = ChannelPool(p2p, STEP_PUSH, unanswered_window=FORWARD_TIMEOUT)  # delivered steps, to next hops
         self.deliveries = ChannelPool(p2p, DELIVERY_PUSH)  # outputs and failure reports, to requesters
+        self._pools = (self.forwards, self.pushes, self.deliveries)
 
     async def add_p2p_handlers(self, p2p: P2P, *args, **kwargs) -> None:
         await super().add_p2p_handlers(p2p, *args, **kwargs)
@@ -248,12 +249,12 @@ class SpanServicer(ServicerBase):
         for task in list(self._hand_ons):
             task.cancel()
         await asyncio.gather(*self._hand_ons, return_exceptions=True)
-        for pool in (self.forwards, self.pushes, self.deliveries):
+        for pool in self._pools:
             pool.close_all()
 
     def close_idle_sessions(self, idle_timeout: float) -> int:
         """Closes sessions (and open streams to other peers) unused for ``idle_timeout`` s; returns the sessions closed."""
-        for pool in (self.forwards, self.pushes, self.deliveries):
+        for pool in self._pools:
             pool.close_idle(idle_timeout)
         now, closed = time.monotonic(), 0
         for session_id, used in list(self.last_used.items()):
