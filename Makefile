@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/efedllm demo --servers 3
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)

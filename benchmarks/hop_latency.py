@@ -22,8 +22,10 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
-from efedllm import wire
-from efedllm.channel import ChannelPool, serve_requests
+from efedllm.common.spans import Span
+from efedllm.protocol import codec
+from efedllm.protocol.channel import ChannelPool, serve_requests
+from efedllm.protocol.messages import StepRequest
 
 STREAM = "HopLatency.rpc_hop.stream"
 
@@ -36,7 +38,7 @@ class HopLatency(ServicerBase):
 
     async def rpc_hop(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         self.arrivals.append(time.perf_counter())
-        return wire.response({"ok": True})
+        return codec.ok_reply()
 
     async def rpc_arrivals(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         arrivals, self.arrivals = self.arrivals, []
@@ -61,8 +63,8 @@ async def measure(addresses: list[str], messages: int, gaps_ms: list[float]) -> 
     p2p = await P2P.create(initial_peers=[Multiaddr(address) for address in addresses])
     peer = PeerID.from_base58(addresses[0].split("/p2p/")[1])
     stub, pool = HopLatency.get_stub(p2p, peer), ChannelPool(p2p, STREAM)
-    metadata = {"session_id": "0" * 32, "span": [0, 10], "position": 17, "wire_format": "float32", "next_hops": []}
-    request = wire.request(metadata, wire.encode_hidden(torch.randn(1, 1, 576), "float32"))
+    step = StepRequest("0" * 32, Span(0, 10), 17)  # a decode step's metadata and hidden state
+    request = codec.request(step, codec.encode_hidden(torch.randn(1, 1, 576), "float32"))
     ways = {"unary": lambda: stub.rpc_hop(request), "stream": lambda: pool.call(peer.to_base58(), request, 10.0)}
     results = {}
     for gap_ms in gaps_ms:

@@ -17,8 +17,8 @@ from transformers import GenerationConfig as TransformersGenerationConfig  # noq
 
 from efedllm.client.local import LocalModelForCausalLM  # noqa: E402
 from efedllm.client.sampling import GenerationConfig  # noqa: E402
+from efedllm.common.spans import parse_spans  # noqa: E402
 from efedllm.models.sources import resolve_model  # noqa: E402
-from efedllm.records import parse_spans  # noqa: E402
 
 MODEL, TOKENS, REPEATS = "smollm2-135m", 64, 5
 PROMPT = "Write a short story about a lighthouse keeper."

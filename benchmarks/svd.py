@@ -36,7 +36,7 @@ from efedllm.compression.calibration import calibration_token_ids, projection_se
 from efedllm.compression.perplexity import default_text_path, read_text, tokenize, windowed_perplexity
 from efedllm.compression.transfer import pack_layers, transfer_size
 from efedllm.models import load_client_parts, load_span
-from efedllm.records import Span
+from efedllm.common.spans import Span
 
 MODEL = "smollm2-135m"
 DECODE_BLOCKS = 10

@@ -6,7 +6,8 @@ Swarm modes: ``chained`` (the default: each server forwards to the next, the las
 client), ``chained_answer_along_chain`` (the answer returns hop by hop, the paper's plain chain) and
 ``relayed`` (the client sends every hop, Petals' way).
 
-Each server computes with ``--server-threads`` torch threads (default 1, ``efedllm serve``'s default).
+Each server computes with ``--server-threads`` torch threads (default 1; ``efedllm serve --torch-threads``,
+which otherwise leaves torch's own count, every core).
 The local baseline is the faster of 1 thread and this machine's cores, measured in the same rounds, so
 that no thread count favours the swarm. Why 1 per server: a decode step is memory-bound, and in a
 chain of processes on shared cores a second OpenMP thread costs more than it gives. Measured with
@@ -40,11 +41,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from efedllm import wire  # noqa: E402
+from efedllm.client.config import RemoteClientConfig  # noqa: E402
 from efedllm.client.local import LocalModelForCausalLM  # noqa: E402
-from efedllm.client.remote import DistributedModelForCausalLM, RemoteClientConfig  # noqa: E402
+from efedllm.client.remote import DistributedModelForCausalLM  # noqa: E402
 from efedllm.client.sampling import GenerationConfig  # noqa: E402
-from efedllm.records import parse_spans  # noqa: E402
+from efedllm.common.spans import parse_spans  # noqa: E402
+from efedllm.protocol import codec  # noqa: E402
 from efedllm.server.swarm import LocalSwarm  # noqa: E402
 
 MODEL, TOKENS = "smollm2-135m", 64
@@ -114,14 +116,14 @@ def wire_perplexity(local, text_path: Path, tokens: int = 4096, window: int = 10
         return {}
     ids = local.parts.tokenizer(text_path.read_text(encoding="utf-8")[:200_000])["input_ids"][:tokens]
     result = {}
-    for wire_format in wire.WIRE_FORMATS:
+    for wire_format in codec.WIRE_FORMATS:
         total, count = 0.0, 0
         for start in range(0, len(ids) - 1, window):
             chunk = torch.tensor([ids[start:start + window]])
             with torch.inference_mode():
                 hidden = local.parts.embed(chunk)
                 for span in local.spans:
-                    hidden = wire.decode_hidden(wire.encode_hidden(span(hidden), wire_format), wire_format, torch.float32)
+                    hidden = codec.decode_hidden(codec.encode_hidden(span(hidden), wire_format), wire_format, torch.float32)
                 logits = local.parts.logits(hidden)[0, :-1]
             total += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
             count += chunk.shape[1] - 1
@@ -176,7 +178,7 @@ def main() -> None:
     text = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.raw"
     perplexity = {} if args.skip_perplexity else wire_perplexity(local, text)
     one_token = torch.randn(1, 1, 576)
-    bytes_per_hop = {fmt: wire.wire_bytes(wire.encode_hidden(one_token, fmt)) for fmt in wire.WIRE_FORMATS}
+    bytes_per_hop = {fmt: codec.wire_bytes(codec.encode_hidden(one_token, fmt)) for fmt in codec.WIRE_FORMATS}
     print(json.dumps({
         "benchmark": "swarm_vs_local", "servers": 3, "new_tokens": TOKENS, "server_torch_threads": args.server_threads,
         "local_torch_threads": int(local_name.removeprefix("local_")),

@@ -27,7 +27,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from efedllm.client.remote import DistributedModelForCausalLM, RemoteClientConfig  # noqa: E402
+from efedllm.client.config import RemoteClientConfig  # noqa: E402
+from efedllm.client.remote import DistributedModelForCausalLM  # noqa: E402
 from efedllm.client.sampling import GenerationConfig  # noqa: E402
 from efedllm.server.swarm import LocalSwarm, peer_id_of  # noqa: E402
 from efedllm.verifier.config import VerifierConfig  # noqa: E402
@@ -155,7 +156,7 @@ def client_speed(client: ClientProcess, verifier: Verifier, interval_s: float | 
 
 
 def _stop_faulty(swarm: LocalSwarm, started: dict) -> None:
-    from efedllm.records import ServerState
+    from efedllm.dht.records import ServerState
 
     faulty = {peer_id_of(server) for name, server in started.items() if name in FAULTS}
     for name, server in started.items():

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
-import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: it reads this once
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from efedllm.models import load_client_parts, load_span  # noqa: E402
+from efedllm.models.sources import resolve_model  # noqa: E402
 
 MODEL = "smollm2-135m"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -17,30 +21,21 @@ WIKITEXT = PROJECT_ROOT.parent / "shared" / "data" / "wikitext2-test.raw"
 
 
 def gguf_path() -> Path:
-    from efedllm.models.sources import resolve_model
-
     return resolve_model(MODEL).path
 
 
 @pytest.fixture(scope="session")
 def reference_model():
     """transformers' own model of the same GGUF file (the ground truth for parity)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     path = gguf_path()
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")
 def client_parts():
-    from efedllm.models import load_client_parts
-
     return load_client_parts(MODEL)
 
 
 @pytest.fixture(scope="session")
 def full_span():
-    from efedllm.models import load_span
-
     return load_span(MODEL, 0, 30)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from efedllm.client.local import LocalModelForCausalLM
-from efedllm.records import parse_spans
+from efedllm.client.remote import DistributedModelForCausalLM
+from efedllm.common.spans import parse_spans
+from efedllm.models import load_span
 from efedllm.server.swarm import LocalSwarm
 
 
@@ -21,16 +23,12 @@ def swarm():
 
 @pytest.fixture(scope="package")
 def local_pipeline(client_parts):
-    from efedllm.models import load_span
-
     spans = parse_spans("0:10,10:20,20:30")
     return LocalModelForCausalLM(client_parts, [load_span("smollm2-135m", s.start, s.end) for s in spans])
 
 
 @pytest.fixture
 def remote_model(swarm):
-    from efedllm.client.remote import DistributedModelForCausalLM
-
     model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=swarm.initial_peers)
     yield model
     model.shutdown()

@@ -7,9 +7,9 @@ import pytest
 from efedllm.client.local import LocalModelForCausalLM
 from efedllm.client.remote import DistributedModelForCausalLM
 from efedllm.client.sampling import GenerationConfig
+from efedllm.common.spans import parse_spans
 from efedllm.compression.apply import CompressionConfig
-from efedllm.compression.serving import span_compressor
-from efedllm.records import parse_spans
+from efedllm.compression.calibration import compress_span
 from efedllm.server.swarm import LocalSwarm
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
@@ -20,7 +20,7 @@ CONFIG = CompressionConfig(ratio=0.9, calibration_samples=4, calibration_length=
 
 def test_compressed_swarm_matches_compressed_local_pipeline():
     spans = parse_spans("0:10,10:20,20:30")
-    local = LocalModelForCausalLM.load("smollm2-135m", spans, transform=span_compressor("smollm2-135m", CONFIG))
+    local = LocalModelForCausalLM.load("smollm2-135m", spans, transform=lambda span: compress_span(span, "smollm2-135m", CONFIG))
     greedy = GenerationConfig(max_new_tokens=24, greedy=True, stop_on_eos=False)
     input_ids = local.encode_prompt("Name three colours of the rainbow.")
     expected = local.generate(input_ids, greedy).token_ids

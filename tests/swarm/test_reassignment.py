@@ -7,10 +7,14 @@ import time
 
 import pytest
 
-from efedllm.client.remote import DistributedModelForCausalLM, RemoteClientConfig
+from efedllm.client.config import RemoteClientConfig
+from efedllm.client.remote import DistributedModelForCausalLM
 from efedllm.client.sampling import GenerationConfig
-from efedllm.records import ServerState, Span
+from efedllm.common.spans import Span
+from efedllm.dht.records import ServerState
 from efedllm.server.swarm import LocalSwarm, peer_id_of
+from efedllm.verifier.config import VerifierConfig
+from efedllm.verifier.node import Verifier, VerifierNodeConfig
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 MODEL = "smollm2-135m"
@@ -24,9 +28,6 @@ def _span_of(swarm, peer_id: str) -> Span | None:
 
 
 def test_deactivated_span_is_taken_over_by_an_honest_server(tmp_path, local_pipeline):
-    from efedllm.verifier.config import VerifierConfig
-    from efedllm.verifier.node import Verifier, VerifierNodeConfig
-
     with LocalSwarm(MODEL) as swarm:
         swarm.start_bootstrap()
         swarm.start_server("0:10", extra=["--no-rebalance"])

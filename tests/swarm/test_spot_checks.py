@@ -12,10 +12,11 @@ import logging
 
 import pytest
 
-from efedllm.client.remote import DistributedModelForCausalLM, RemoteClientConfig
+from efedllm.client.config import RemoteClientConfig
+from efedllm.client.remote import DistributedModelForCausalLM
 from efedllm.client.sampling import GenerationConfig
+from efedllm.dht.evidence import fetch_evidence
 from efedllm.server.swarm import LocalSwarm, peer_id_of
-from efedllm.verifier.evidence import fetch_evidence
 
 pytestmark = pytest.mark.swarm
 GREEDY = GenerationConfig(max_new_tokens=6, greedy=True, stop_on_eos=False)
@@ -25,7 +26,7 @@ PROMPT = "Name three colours of the rainbow."
 def _generate(swarm, seed: int, banned: str):
     model = DistributedModelForCausalLM.from_pretrained(
         "smollm2-135m", swarm.initial_peers, RemoteClientConfig(verify_fraction=1.0, spot_check_seed=seed))
-    model.banned.add(banned)
+    model.view.ban(banned)
     try:
         result = model.generate(model.encode_prompt(PROMPT), GREEDY)
         return model, result
@@ -34,7 +35,7 @@ def _generate(swarm, seed: int, banned: str):
 
 
 def _seen(model) -> dict:
-    return {peer: (info.state.value, str(info.span), info.free_cache_tokens) for peer, info in model.servers.items()}
+    return model.view.describe()
 
 
 def test_spot_checks_pass_on_honest_chains_and_report_a_faulty_one(local_pipeline, caplog):
@@ -48,12 +49,14 @@ def test_spot_checks_pass_on_honest_chains_and_report_a_faulty_one(local_pipelin
         swarm.wait_until_online(4)
 
         model, result = _generate(swarm, seed=0, banned=peer_id_of(faulty))
-        assert model.spot_checks == GREEDY.max_new_tokens and not model.spot_check_evidence, _seen(model)
+        checker = model.spot_checker
+        assert checker.checks == GREEDY.max_new_tokens and not checker.evidence, _seen(model)
         assert result.token_ids == local_pipeline.generate(local_pipeline.encode_prompt(PROMPT), GREEDY).token_ids
 
         model, _ = _generate(swarm, seed=1, banned=peer_id_of(honest_tail))
-        assert model.spot_checks >= 1 and model.spot_check_evidence, (model.spot_checks, model.spot_checks_skipped, _seen(model))
-        reported = model.spot_check_evidence[0]
+        checker = model.spot_checker
+        assert checker.checks >= 1 and checker.evidence, (checker.checks, checker.skipped, _seen(model))
+        reported = checker.evidence[0]
         assert peer_id_of(faulty) in reported.suspects and peer_id_of(whole) in reported.suspects
         published = fetch_evidence(swarm.dht, "smollm2-135m")
         assert any(evidence.reporter_key == model.client_key and peer_id_of(faulty) in evidence.suspects

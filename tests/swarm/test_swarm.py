@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
+from hivemind.proto import runtime_pb2
 
-from efedllm import wire
-from efedllm.client.remote import DistributedModelForCausalLM, RemoteClientConfig
+from efedllm.client.config import RemoteClientConfig
+from efedllm.client.remote import DistributedModelForCausalLM
+from efedllm.client.routing import MissingBlocksError, choose_route
 from efedllm.client.sampling import GenerationConfig
-from efedllm.records import Delivery, OpenSessionRequest, ServerState, Span, StepRequest
+from efedllm.common.spans import Span
+from efedllm.dht.records import ServerInfo, ServerState
+from efedllm.protocol import codec
+from efedllm.protocol.messages import Delivery, OpenSessionRequest, Reply, StepRequest
 from efedllm.server.swarm import peer_id_of
 
 pytestmark = pytest.mark.swarm
@@ -61,10 +65,11 @@ def test_two_concurrent_clients(swarm, local_pipeline):
     assert results == expected
 
 
-def _call(model, peer_id, method, metadata, tensors=()):
+def _call(model, peer_id, method, metadata, tensors=()) -> Reply:
+    """A raw call with any metadata (a message's ``to_wire()``, or something malformed); the server's reply."""
     stub = model.stub(peer_id).stub
-    answer = model.run(getattr(stub, method)(wire.request(metadata, tensors)))
-    return wire.unpack_metadata(answer.metadata), answer
+    request = runtime_pb2.ExpertRequest(tensors=list(tensors), metadata=codec.pack_metadata(metadata))
+    return codec.read_message(Reply, model.run(getattr(stub, method)(request)))
 
 
 def _delivered_step_error(model, peer_id, step: StepRequest, tensors):
@@ -73,8 +78,8 @@ def _delivered_step_error(model, peer_id, step: StepRequest, tensors):
     delivered = StepRequest(step.session_id, step.span, step.position, step.wire_format, (), Delivery(model.peer_id, step_id))
     model.run(_async(model.delivery.expect, step_id, (peer_id,)))
     try:
-        reply, _ = _call(model, peer_id, "rpc_step", delivered.to_wire(), tensors)
-        assert reply["ok"], reply
+        reply = _call(model, peer_id, "rpc_step", delivered.to_wire(), tensors)
+        assert reply.ok, reply
         report, _ = model.run(model.delivery.wait(step_id, 30.0))
     finally:
         model.run(_async(model.delivery.forget, step_id))
@@ -86,32 +91,32 @@ async def _async(function, *args):
 
 
 def test_bad_requests_get_errors_and_server_keeps_serving(swarm, remote_model, local_pipeline):
-    peer = next(info.peer_id for info in remote_model.servers.values() if info.span == Span(0, 10))
+    peer = next(info.peer_id for info in remote_model.view.servers.values() if info.span == Span(0, 10))
     hidden = torch.randn(1, 2, 576)
     good_open = OpenSessionRequest("bad-inputs", Span(0, 10), 8).to_wire()
-    assert _call(remote_model, peer, "rpc_open_session", good_open)[0]["ok"]
+    assert _call(remote_model, peer, "rpc_open_session", good_open).ok
     cases = {
-        "unknown session": (StepRequest("nope", Span(0, 10), 0).to_wire(), wire.encode_hidden(hidden, "float32")),
-        "out of order": (StepRequest("bad-inputs", Span(0, 10), 5).to_wire(), wire.encode_hidden(hidden, "float32")),
-        "hidden size": (StepRequest("bad-inputs", Span(0, 10), 0).to_wire(), wire.encode_hidden(torch.randn(1, 2, 7), "float32")),
-        "max_length": (StepRequest("bad-inputs", Span(0, 10), 0).to_wire(), wire.encode_hidden(torch.randn(1, 9, 576), "float32")),
-        "NaN": (StepRequest("bad-inputs", Span(0, 10), 0).to_wire(), wire.encode_hidden(torch.full((1, 1, 576), float("nan")), "float32")),
+        "unknown session": (StepRequest("nope", Span(0, 10), 0).to_wire(), codec.encode_hidden(hidden, "float32")),
+        "out of order": (StepRequest("bad-inputs", Span(0, 10), 5).to_wire(), codec.encode_hidden(hidden, "float32")),
+        "hidden size": (StepRequest("bad-inputs", Span(0, 10), 0).to_wire(), codec.encode_hidden(torch.randn(1, 2, 7), "float32")),
+        "max_length": (StepRequest("bad-inputs", Span(0, 10), 0).to_wire(), codec.encode_hidden(torch.randn(1, 9, 576), "float32")),
+        "NaN": (StepRequest("bad-inputs", Span(0, 10), 0).to_wire(), codec.encode_hidden(torch.full((1, 1, 576), float("nan")), "float32")),
         "lacks field": ({"session_id": "bad-inputs"}, ()),
         "version": ({**StepRequest("bad-inputs", Span(0, 10), 0).to_wire(), "version": 99}, ()),
         "need 1 tensor": (StepRequest("bad-inputs", Span(0, 10), 0).to_wire(), ()),
-        "arrived as": (StepRequest("bad-inputs", Span(0, 10), 0, "float16").to_wire(), wire.encode_hidden(hidden, "float32")),
+        "arrived as": (StepRequest("bad-inputs", Span(0, 10), 0, "float16").to_wire(), codec.encode_hidden(hidden, "float32")),
     }
     for expected_message, (metadata, tensors) in cases.items():
-        reply, _ = _call(remote_model, peer, "rpc_step", metadata, tensors)
-        assert not reply["ok"] and expected_message in reply["error"], (expected_message, reply)
-    oversized = _call(remote_model, peer, "rpc_open_session", {**good_open, "session_id": "x" * 1000})[0]
-    assert not oversized["ok"] and "longer than" in oversized["error"]
+        reply = _call(remote_model, peer, "rpc_step", metadata, tensors)
+        assert not reply.ok and expected_message in reply.error, (expected_message, reply)
+    oversized = _call(remote_model, peer, "rpc_open_session", {**good_open, "session_id": "x" * 1000})
+    assert not oversized.ok and "longer than" in oversized.error
     delivered_error = _delivered_step_error(remote_model, peer, StepRequest("bad-inputs", Span(0, 10), 0),
-                                            wire.encode_hidden(torch.randn(1, 9, 576), "float32"))
-    assert "max_length" in delivered_error.error and delivered_error.failed_peer == peer, delivered_error
+                                            codec.encode_hidden(torch.randn(1, 9, 576), "float32"))
+    assert "max_length" in delivered_error.reply.error and delivered_error.reply.failed_peer == peer, delivered_error
     garbage = remote_model.run(remote_model.stub(peer).stub.rpc_step(
-        wire.runtime_pb2.ExpertRequest(metadata=b"\xc1\xff not msgpack")))
-    assert "msgpack" in wire.unpack_metadata(garbage.metadata)["error"]
+        runtime_pb2.ExpertRequest(metadata=b"\xc1\xff not msgpack")))
+    assert "msgpack" in codec.read_message(Reply, garbage).error
     input_ids = local_pipeline.encode_prompt(PROMPT)
     assert remote_model.generate(input_ids, GREEDY).token_ids == local_pipeline.generate(input_ids, GREEDY).token_ids
 
@@ -145,16 +150,13 @@ def test_num_blocks_fills_thinnest_span_and_failover_after_sigkill(swarm, local_
                 tokens.append(token)
                 step_ids = torch.tensor([[token]])
             assert session.failovers == 2 and not set(killed) & {hop.peer_id for hop in session.route}
-            assert set(killed) <= model.banned
+            assert set(killed) <= model.view.banned
         assert tokens == expected
     finally:
         model.shutdown()
 
 
 def test_no_chain_names_missing_blocks():
-    from efedllm.client.routing import MissingBlocksError, choose_route
-    from efedllm.records import ServerInfo
-
     info = ServerInfo("p", "m", Span(0, 10), ServerState.ONLINE, 10.0, 100, 1, "k", "0")
     with pytest.raises(MissingBlocksError, match="10-29"):
         choose_route([info], 30)

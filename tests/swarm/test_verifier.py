@@ -6,13 +6,26 @@ honest bfloat16 server, and one server per fault mode, every one hosting 10 bloc
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
+from hivemind.dht import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils.crypto import RSAPrivateKey
 
+from efedllm.client.config import RemoteClientConfig
 from efedllm.client.local import LocalModelForCausalLM
+from efedllm.client.remote import DistributedModelForCausalLM
 from efedllm.client.sampling import GenerationConfig
-from efedllm.records import TrustVerdict
+from efedllm.common.spans import Span
+from efedllm.dht.records import TrustVerdict
+from efedllm.dht.signed import owner_key
+from efedllm.dht.verdicts import deactivated_peers_in_dht, fetch_verdicts, verdict_key
 from efedllm.server.swarm import LocalSwarm, peer_id_of
+from efedllm.verifier.config import VerifierConfig
+from efedllm.verifier.ledger import epoch_of
+from efedllm.verifier.node import Verifier, VerifierNodeConfig, reference_trace
 
 pytestmark = pytest.mark.swarm
 MODEL = "smollm2-135m"
@@ -30,9 +43,6 @@ DECODE_STEPS = 8  # 9 steps a probe: an intermittent:0.1 server fails a probe wi
 @pytest.fixture(scope="module")
 def verified_swarm(tmp_path_factory):
     """The swarm, a started verifier, and the round each faulty server was first seen inactive."""
-    from efedllm.verifier.config import VerifierConfig
-    from efedllm.verifier.node import Verifier, VerifierNodeConfig
-
     with LocalSwarm(MODEL) as swarm:
         swarm.start_bootstrap()
         names = {}
@@ -75,9 +85,6 @@ def test_every_faulty_server_deactivated_no_honest_one(verified_swarm):
 
 
 def test_verdicts_in_dht_and_client_routes_around(verified_swarm):
-    from efedllm.client.remote import DistributedModelForCausalLM, RemoteClientConfig
-    from efedllm.verifier.verdicts import deactivated_peers_in_dht
-
     swarm, verifier, peers, _ = verified_swarm
     faulty = {peers[name] for name in FAULTY}
     assert deactivated_peers_in_dht(swarm.dht, MODEL, peers.values(), {verifier.key}) == faulty
@@ -91,9 +98,9 @@ def test_verdicts_in_dht_and_client_routes_around(verified_swarm):
     client = DistributedModelForCausalLM.from_pretrained(
         MODEL, swarm.initial_peers, RemoteClientConfig(trusted_verifier_keys=(verifier.key,)))
     try:
-        assert client.deactivated_peers() == faulty
+        assert client.view.deactivated_peers() == faulty
         for _ in range(5):  # routes tie on cost, so several draws; none may touch a faulty server
-            assert not {hop.peer_id for hop in client.find_route(set())} & faulty
+            assert not {hop.peer_id for hop in client.view.find_route(set())} & faulty
         assert client.generate(input_ids, greedy).token_ids == expected
     finally:
         client.shutdown()
@@ -101,10 +108,6 @@ def test_verdicts_in_dht_and_client_routes_around(verified_swarm):
 
 def test_ledger_pays_only_active_servers(verified_swarm):
     """Every epoch pays only servers active at its close; once faults are found, only honest ones."""
-    import time
-
-    from efedllm.verifier.ledger import epoch_of
-
     _, verifier, peers, _ = verified_swarm
     seconds = verifier.config.decisions.epoch_seconds
     detected_epoch = epoch_of(time.time(), seconds)  # every later epoch starts after all faults were found
@@ -121,13 +124,6 @@ def test_ledger_pays_only_active_servers(verified_swarm):
 
 
 def test_verdict_cannot_be_overwritten_by_another_key(verified_swarm):
-    from hivemind.dht import DHT
-    from hivemind.dht.crypto import RSASignatureValidator
-    from hivemind.utils import get_dht_time
-    from hivemind.utils.crypto import RSAPrivateKey
-
-    from efedllm.verifier.verdicts import fetch_verdicts, verdict_key, verifier_key
-
     swarm, verifier, peers, _ = verified_swarm
     target = peers["zeros"]
     key = verdict_key(MODEL, target)
@@ -141,9 +137,9 @@ def test_verdict_cannot_be_overwritten_by_another_key(verified_swarm):
         expiration = original.expiration_time + 600
         attacker.store(key, forged, expiration, subkey=verifier.validator.local_public_key)
         # a verdict signed by the attacker's own key that claims to speak for the verifier is dropped on read
-        impostor = TrustVerdict(**{**forged, "verifier_key": verifier.key})
+        impostor = TrustVerdict.from_wire({**forged, "verifier_key": verifier.key})
         attacker.store(key, impostor.to_wire(), expiration, subkey=attacker_validator.local_public_key)
-        assert verifier_key(attacker_validator) != verifier.key
+        assert owner_key(attacker_validator) != verifier.key
         for reader in (swarm.dht, attacker):
             entry = reader.get(key, latest=True).value[verifier.validator.local_public_key]
             assert entry.value == original.value and entry.expiration_time == original.expiration_time
@@ -154,9 +150,6 @@ def test_verdict_cannot_be_overwritten_by_another_key(verified_swarm):
 
 
 def test_reference_trace_matches_a_whole_span_forward(verified_swarm):
-    from efedllm.records import Span
-    from efedllm.verifier.node import reference_trace
-
     _, verifier, _, _ = verified_swarm
     token_ids = torch.arange(100, 140).unsqueeze(0)  # [1, 40]
     trace = reference_trace(verifier.parts, verifier.reference, token_ids, decode_steps=3)

@@ -7,8 +7,10 @@ import re
 import pytest
 import torch
 
-from efedllm import wire
-from efedllm.records import OpenSessionRequest, Span, StepRequest
+from efedllm.client.remote import DistributedModelForCausalLM
+from efedllm.common.spans import Span
+from efedllm.protocol import codec
+from efedllm.protocol.messages import OpenSessionRequest, StepRequest
 from efedllm.server.swarm import LocalSwarm, peer_id_of
 
 pytestmark = pytest.mark.swarm
@@ -29,20 +31,16 @@ def senders():
 
 
 def _client(swarm):
-    from efedllm.client.remote import DistributedModelForCausalLM
-
     return DistributedModelForCausalLM.from_pretrained("smollm2-135m", swarm.initial_peers)
 
 
 def _span_output(client, peer_id: str, span: Span, hidden: torch.Tensor) -> torch.Tensor:
     """One prefill step of ``hidden`` through ``span`` on ``peer_id``, over the real RPCs."""
-    stub = client.stub(peer_id).stub
+    stub = client.stub(peer_id)
     session_id = f"transfer-check-{peer_id[-8:]}"
-    opened = client.run(stub.rpc_open_session(wire.request(OpenSessionRequest(session_id, span, 16).to_wire())))
-    assert wire.unpack_metadata(opened.metadata)["ok"]
-    answer = client.run(stub.rpc_step(wire.request(StepRequest(session_id, span, 0).to_wire(), wire.encode_hidden(hidden, "float32"))))
-    assert wire.unpack_metadata(answer.metadata)["ok"], wire.unpack_metadata(answer.metadata)
-    return wire.decode_hidden(answer.tensors, "float32", torch.float32)
+    client.run(stub.open_session(OpenSessionRequest(session_id, span, 16)))
+    answer = client.run(stub.step(StepRequest(session_id, span, 0), codec.encode_hidden(hidden, "float32")))
+    return codec.decode_hidden(answer, "float32", torch.float32)
 
 
 def _received(server) -> tuple[int, int]:

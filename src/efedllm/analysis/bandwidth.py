@@ -22,7 +22,10 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import torch
+
 from efedllm.analysis.memory import lowrank_storage
+from efedllm.compression.rank import rank_for_ratio
 
 PAPER_RATIOS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
@@ -50,8 +53,6 @@ BERT_FIRST_LINEAR = LayerShape(out_features=3072, in_features=768, tokens=30, ba
 def svd_rank_for_ratio(m: int, n: int, ratio: float) -> int:
     """Eq. 15 (:func:`efedllm.compression.rank.rank_for_ratio`), refusing a ratio that leaves rank 0
     (the analysis reports figures for a ratio, so it must not silently round up to rank 1)."""
-    from efedllm.compression.rank import rank_for_ratio
-
     if 0.0 < ratio <= 1.0 and m * n * ratio < m + n + 1:
         raise ValueError(f"compression ratio {ratio} leaves rank 0 for a {m} × {n} matrix")
     return rank_for_ratio(m, n, ratio)
@@ -128,8 +129,6 @@ def measure_dense_vs_lowrank(
     shape: LayerShape = BERT_FIRST_LINEAR, ratios: tuple[float, ...] = PAPER_RATIOS, repeats: int = 15, seed: int = 0
 ) -> list[TimingPoint]:
     """Time W·X against U_k(Σ_k(V_kᵀX)) in float32 on this machine, with factors from a real SVD."""
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(shape.out_features, shape.in_features, generator=generator)  # [m, n]
     inputs = torch.randn(shape.batch, shape.in_features, shape.tokens, generator=generator)  # [B, n, p]

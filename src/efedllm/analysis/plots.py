@@ -4,29 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from efedllm.analysis import io_model
 from efedllm.analysis.results import H100_SHARED_MEMORY_BYTES, AnalysisResults
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as pyplot
-
-    return pyplot
+def _subplots(*grid: int, figsize: tuple[float, float]):
+    """A figure of its own (not pyplot's global state; PNGs are drawn by the Agg canvas) and its axes."""
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(*grid)
 
 
-def _save(figure, path: Path) -> Path:
+def _save(figure: Figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    _pyplot().close(figure)
     return path
 
 
 def plot_theorem41(results: AnalysisResults, path: Path) -> Path:
-    pyplot = _pyplot()
-    figure, axis = pyplot.subplots(figsize=(6, 4))
+    figure, axis = _subplots(figsize=(6, 4))
     sides = list(range(1, 129))
     axis.plot(sides, [1 - 1 / side for side in sides], label="Theorem 4.1, square tile k = m (formula)")
     counted = [row for row in results.theorem41 if row.tile_rows == row.tile_cols]
@@ -43,8 +40,7 @@ def plot_theorem41(results: AnalysisResults, path: Path) -> Path:
 
 
 def plot_table2(results: AnalysisResults, path: Path) -> Path:
-    pyplot = _pyplot()
-    figure, axis = pyplot.subplots(figsize=(6, 4))
+    figure, axis = _subplots(figsize=(6, 4))
     labels = [str(row.row.n) for row in results.table2]
     positions = range(len(labels))
     axis.bar([p - 0.2 for p in positions], [r.row.centralised_reads for r in results.table2], 0.4, label="centralised 2n³")
@@ -56,9 +52,8 @@ def plot_table2(results: AnalysisResults, path: Path) -> Path:
 
 
 def plot_block_memory(results: AnalysisResults, path: Path) -> Path:
-    pyplot = _pyplot()
     study = results.block_memory
-    figure, (left, right) = pyplot.subplots(1, 2, figsize=(11, 4.2))
+    figure, (left, right) = _subplots(1, 2, figsize=(11, 4.2))
     n = study.large_n
     capacities = [point.capacity for point in study.sweep]
     left.plot(capacities, [p.unstaged_reads for p in study.sweep], "k--", label="no hierarchy 2n³")
@@ -86,9 +81,8 @@ def plot_block_memory(results: AnalysisResults, path: Path) -> Path:
 
 
 def plot_fig6(results: AnalysisResults, path: Path) -> Path:
-    pyplot = _pyplot()
     points = results.bandwidth.points
-    figure, axis = pyplot.subplots(figsize=(6, 4))
+    figure, axis = _subplots(figsize=(6, 4))
     ratios = [p.ratio for p in points]
     axis.plot(ratios, [p.dense_bytes / 2**20 for p in points], "k--", label="dense WX (eq. 16)")
     axis.plot(ratios, [p.lowrank_bytes / 2**20 for p in points], "o-", label="SVD ŴX (eq. 17)")
@@ -99,9 +93,8 @@ def plot_fig6(results: AnalysisResults, path: Path) -> Path:
 
 
 def plot_fig7(results: AnalysisResults, path: Path) -> Path:
-    pyplot = _pyplot()
     study = results.bandwidth
-    figure, axis = pyplot.subplots(figsize=(6, 4))
+    figure, axis = _subplots(figsize=(6, 4))
     ratios = [p.ratio for p in study.points]
     axis.plot(ratios, [100 * p.reduce_rate for p in study.points], "o-", label="reduce rate, eqs. 16–17 (reproduced)")
     axis.plot(ratios, [100 * r for r in study.weight_reduce_rates], "--", label="weights alone (upper limit)")

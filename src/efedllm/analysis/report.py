@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from efedllm.analysis.plots import write_plots
 from efedllm.analysis.results import (
     H100_SHARED_MEMORY_BYTES,
     NOT_FOUND,
@@ -171,8 +172,6 @@ def section_summary(results: AnalysisResults) -> str:
 
 def write_report(results: AnalysisResults, directory: Path) -> Path:
     """Write ``report.md`` and its PNGs into ``directory``; returns the Markdown path."""
-    from efedllm.analysis.plots import write_plots
-
     directory.mkdir(parents=True, exist_ok=True)
     write_plots(results, directory)
     sections = [

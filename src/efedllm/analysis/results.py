@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from efedllm.analysis import bandwidth, io_model, memory
+from efedllm.analysis import softmax_check as check
 
 # What the paper prints, as far as we could read it. The paper's full text was not reachable from
 # this environment (only its abstract); the issue tracker quotes these two statements.
@@ -172,8 +174,6 @@ class BandwidthStudy:
 
 
 def bandwidth_study(repeats: int = 15) -> BandwidthStudy:
-    import torch
-
     shape = bandwidth.BERT_FIRST_LINEAR
     return BandwidthStudy(
         points=bandwidth.bandwidth_curve(shape),
@@ -200,10 +200,6 @@ class SoftmaxStudyRow:
 
 def softmax_study(configs: tuple[tuple[int, int, int], ...] = ((16, 5, 16), (256, 3, 20), (2, 24, 18), (8, 7, 16))) -> list[SoftmaxStudyRow]:
     """Random causal attention scores [2 heads, 128, 128]: accuracy, false alarms, detection."""
-    import torch
-
-    from efedllm.analysis import softmax_check as check
-
     generator = torch.Generator().manual_seed(0)
     causal = torch.triu(torch.ones(128, 128, dtype=torch.bool), diagonal=1)
     scores = (3 * torch.randn(2, 128, 128, generator=generator)).masked_fill(causal, float("-inf"))  # [h, q, k]

@@ -8,9 +8,9 @@ from contextlib import contextmanager
 import torch
 
 from efedllm.client.generation import CausalLMClient
+from efedllm.common.spans import Span
 from efedllm.models.sessions import SpanSessions
 from efedllm.models.span import ClientParts, SpanModel, load_client_parts, load_span
-from efedllm.records import Span
 
 
 class LocalInferenceSession:

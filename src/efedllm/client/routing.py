@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from efedllm.records import ServerInfo, ServerState, Span
+from efedllm.common.errors import EfedllmError
+from efedllm.common.spans import Span
+from efedllm.dht.records import ServerInfo, ServerState
 
 DEFAULT_RTT = 0.005
 
@@ -32,7 +34,7 @@ def rtt_estimates(measured: dict[str, float], peer_ids, default_rtt: float = DEF
     return {peer_id: measured.get(peer_id, fallback) for peer_id in peer_ids}
 
 
-class MissingBlocksError(RuntimeError):
+class MissingBlocksError(EfedllmError, LookupError):
     """No chain of usable servers covers every block."""
 
     def __init__(self, missing: list[int]) -> None:

@@ -6,8 +6,12 @@ the second chain gets the session's inputs so far in one prefill (it has no cach
 its outputs for the step's tokens are compared with the first chain's, with the verifiers'
 default tolerances (which accept honest servers in another dtype). A mismatch names every server
 of both chains as suspects and is published in the DHT as signed evidence
-(:mod:`efedllm.verifier.evidence`); verifiers probe suspects first. The generation itself goes on
+(:mod:`efedllm.dht.evidence`); verifiers probe suspects first. The generation itself goes on
 with the first chain's output: evidence decides nothing by itself.
+
+Call order: a session asks :meth:`SpotChecker.draw` after each step and, when it says yes, awaits
+:meth:`SpotChecker.check`. The checker runs the second chain through ``run_chain(route, inputs)``
+(the client's public :meth:`~efedllm.client.remote.DistributedModelForCausalLM.run_chain`).
 """
 
 from __future__ import annotations
@@ -16,13 +20,19 @@ import asyncio
 import logging
 import random
 import time
+from typing import Awaitable, Callable
 
 import torch
 
-from efedllm.client.routing import RouteHop, alternative_route
-from efedllm.records import RecordError, SpotCheckEvidence
+from efedllm.client.routing import RouteHop
+from efedllm.client.swarm_view import SwarmView
+from efedllm.common.errors import RecordError
+from efedllm.dht.records import SpotCheckEvidence
+from efedllm.models.comparison import DEFAULT_TOLERANCES, ProbeComparison, compare_outputs
+from efedllm.protocol.service import HopFailure
 
 logger = logging.getLogger(__name__)
+RunChain = Callable[[list[RouteHop], torch.Tensor], Awaitable[torch.Tensor]]
 
 
 def draw_spot_check(generator: random.Random, fraction: float) -> bool:
@@ -30,53 +40,54 @@ def draw_spot_check(generator: random.Random, fraction: float) -> bool:
     return fraction > 0 and generator.random() < fraction
 
 
-def mismatch_evidence(primary: list[RouteHop], alternative: list[RouteHop], comparison, tokens: int,
+def mismatch_evidence(primary: list[RouteHop], alternative: list[RouteHop], comparison: ProbeComparison, tokens: int,
                       reporter_key: str) -> SpotCheckEvidence:
     suspects = tuple(dict.fromkeys(hop.peer_id for hop in primary + alternative))
     return SpotCheckEvidence(suspects, tokens, float(comparison.min_cosine), float(comparison.max_relative_l2),
                              time.time(), reporter_key)
 
 
-async def run_spot_check(model, primary: list[RouteHop], inputs: torch.Tensor, outputs: torch.Tensor):
-    """Check ``outputs`` [1, t, H] (the primary chain's, for the last t of ``inputs`` [1, T, H]).
+class SpotChecker:
+    """Draws which steps are checked, runs the checks and counts them; the constructor does no I/O.
 
-    Returns the comparison, or None when no disjoint chain exists or it failed (counted as skipped).
+    ``report(evidence)`` publishes a mismatch (it blocks: it runs in an executor) and returns
+    whether the DHT took it; ``reporter_key`` names this client in the evidence.
     """
-    from efedllm.client.remote import HopFailure
-    from efedllm.verifier.comparison import DEFAULT_TOLERANCES, ProbeComparison, compare_outputs
 
-    route = alternative_route(lambda excluded: model.find_route(excluded | model.banned, inputs.shape[1]), primary)
-    if route is None:
-        logger.info("spot check skipped: no chain avoids %s among %s", [hop.peer_id for hop in primary],
-                    {peer: (info.state.value, str(info.span), info.free_cache_tokens) for peer, info in model.servers.items()})
-        model.spot_checks_skipped += 1
-        return None
-    try:
-        alternative = await _run_chain(model, route, inputs)
-    except (HopFailure, RecordError) as error:
-        logger.info("spot check skipped: the second chain failed: %s", error)
-        model.spot_checks_skipped += 1
-        return None
-    alternative = alternative[:, -outputs.shape[1]:]
-    try:
-        comparison = compare_outputs(outputs.float(), alternative.float(), DEFAULT_TOLERANCES)
-    except ValueError as error:  # the primary chain's output itself is not finite
-        comparison = ProbeComparison(-1.0, float("inf"), 1.0, False, f"primary chain output: {error}")
-    model.spot_checks += 1
-    if not comparison.passed:
-        evidence = mismatch_evidence(primary, route, comparison, int(outputs.shape[1]), model.client_key)
-        model.spot_check_evidence.append(evidence)
-        await asyncio.get_running_loop().run_in_executor(None, model.report_evidence, evidence)
-    return comparison
+    def __init__(self, fraction: float, seed: int | None, view: SwarmView, run_chain: RunChain,
+                 report: Callable[[SpotCheckEvidence], bool], reporter_key: str) -> None:
+        self.fraction, self.view, self.run_chain, self.report, self.reporter_key = fraction, view, run_chain, report, reporter_key
+        self._random = random.Random(seed)
+        self.checks = self.skipped = 0
+        self.evidence: list[SpotCheckEvidence] = []  # what this client reported
 
+    def draw(self) -> bool:
+        return draw_spot_check(self._random, self.fraction)
 
-async def _run_chain(model, route: list[RouteHop], inputs: torch.Tensor) -> torch.Tensor:
-    """``inputs`` [1, T, H] as one prefill through a fresh session on ``route``; its output [1, T, H]."""
-    from efedllm.client.remote import RemoteInferenceSession
+    async def check(self, primary: list[RouteHop], inputs: torch.Tensor, outputs: torch.Tensor) -> ProbeComparison | None:
+        """Check ``outputs`` [1, t, H] (the primary chain's, for the last t of ``inputs`` [1, T, H]).
 
-    session = RemoteInferenceSession(model, max_length=inputs.shape[1])
-    try:
-        await session.open_route(route)
-        return await session._send(inputs, 0)
-    finally:
-        await session.close()
+        Returns the comparison, or None when no disjoint chain exists or it failed (counted as skipped).
+        """
+        route = self.view.disjoint_route(primary, inputs.shape[1])
+        if route is None:
+            logger.info("spot check skipped: no chain avoids %s among %s", [hop.peer_id for hop in primary],
+                        self.view.describe())
+            self.skipped += 1
+            return None
+        try:
+            alternative = (await self.run_chain(route, inputs))[:, -outputs.shape[1]:]
+        except (HopFailure, RecordError) as error:
+            logger.info("spot check skipped: the second chain failed: %s", error)
+            self.skipped += 1
+            return None
+        try:
+            comparison = compare_outputs(outputs.float(), alternative.float(), DEFAULT_TOLERANCES)
+        except ValueError as error:  # the primary chain's output itself is not finite
+            comparison = ProbeComparison(-1.0, float("inf"), 1.0, False, f"primary chain output: {error}")
+        self.checks += 1
+        if not comparison.passed:
+            evidence = mismatch_evidence(primary, route, comparison, int(outputs.shape[1]), self.reporter_key)
+            self.evidence.append(evidence)
+            await asyncio.get_running_loop().run_in_executor(None, self.report, evidence)
+        return comparison

@@ -7,10 +7,24 @@ start of the file (the first 8,192 tokens).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from efedllm.compression.apply import LayerRunner
+from efedllm.common.spans import Span
+from efedllm.compression.apply import (
+    CompressionConfig,
+    CompressionReport,
+    LayerRunner,
+    RankAllocation,
+    compress_layers,
+    projections,
+)
+from efedllm.compression.perplexity import default_text_path, read_text, tokenize
+from efedllm.compression.sensitivity import language_model_loss, output_sensitivities
+from efedllm.models.span import SpanModel, load_client_parts, load_span
 
 
 def calibration_windows(token_ids: torch.Tensor, samples: int, length: int, offset: int, seed: int) -> torch.Tensor:
@@ -39,8 +53,6 @@ def decoder_layer_runner(config, layers: nn.ModuleList, batch_size: int = 8) -> 
 
     The mask is explicit so that the result does not depend on the attention implementation.
     """
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
     rotary = LlamaRotaryEmbedding(config)
 
     def run(index: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -59,8 +71,6 @@ def decoder_layer_runner(config, layers: nn.ModuleList, batch_size: int = 8) -> 
 
 def span_layer_runner(span_model, batch_size: int = 8) -> LayerRunner:
     """A :data:`LayerRunner` over an ``efedllm.models.SpanModel``: block ``span.start + i``, in batches."""
-    from efedllm.records import Span
-
     start = span_model.span.start
 
     def run(index: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -72,8 +82,6 @@ def span_layer_runner(span_model, batch_size: int = 8) -> LayerRunner:
 
 def calibration_token_ids(tokenizer, config) -> torch.Tensor:
     """The calibration windows [samples, length] of ``config`` from its text (default: shared WikiText-2)."""
-    from efedllm.compression.perplexity import default_text_path, read_text, tokenize
-
     path = config.calibration_text or default_text_path()
     if path is None:
         raise FileNotFoundError("no calibration text: pass one (--calibration-text FILE) or provide ../shared/data/wikitext2-test.raw")
@@ -88,8 +96,6 @@ def span_calibration_inputs(model: str, start: int, config) -> torch.Tensor:
     *uncompressed* blocks ``0..start-1``, loaded for the purpose and dropped afterwards; inside its own
     span the inputs then come from its already-compressed layers.
     """
-    from efedllm.models import load_client_parts, load_span
-
     client = load_client_parts(model)
     with torch.no_grad():
         hidden = client.embed(calibration_token_ids(client.tokenizer, config))  # [samples, length, H]
@@ -101,14 +107,12 @@ def span_calibration_inputs(model: str, start: int, config) -> torch.Tensor:
     return hidden
 
 
-def compress_span(span_model, model: str, config):
+def compress_span(span_model: SpanModel, model: str, config: CompressionConfig) -> CompressionReport:
     """Compress a loaded ``SpanModel`` in place by ``config``; returns the CompressionReport.
 
     Deterministic for a given (model, span, config): a local pipeline that compresses the same
     spans with the same config gets the same weights as the servers hosting them.
     """
-    from efedllm.compression.apply import RankAllocation, compress_layers
-
     if not config.needs_calibration:
         return compress_layers(span_model.layers, config)
     sensitivities = span_sensitivities(model, span_model.span, config) if config.allocation is RankAllocation.LOSS else None
@@ -118,8 +122,6 @@ def compress_span(span_model, model: str, config):
 
 def sensitivity_token_ids(tokenizer, config) -> torch.Tensor:
     """The loss-sensitivity windows [sensitivity_samples, length]: like the calibration ones, drawn with ``seed + 1``."""
-    from dataclasses import replace
-
     return calibration_token_ids(tokenizer, replace(config, calibration_samples=config.sensitivity_samples, seed=config.seed + 1))
 
 
@@ -129,17 +131,12 @@ def span_sensitivities(model: str, span, config) -> list[float]:
     The language-model loss needs the whole model: like :func:`span_calibration_inputs` for the
     prefix, a server loads the *dense* model for the purpose and drops it afterwards.
     """
-    from efedllm.models import load_client_parts, load_span
-
     client = load_client_parts(model)
     return projection_sensitivities(client, load_span(model, 0, client.config.num_hidden_layers), span, config)
 
 
 def projection_sensitivities(client, body, span, config) -> list[float]:
     """Like :func:`span_sensitivities`, with the client parts and the dense whole-model ``body`` already loaded."""
-    from efedllm.compression.apply import projections
-    from efedllm.compression.sensitivity import language_model_loss, output_sensitivities
-
     modules = [module for layer in body.layers[span.start : span.end] for module in projections(layer).values()]
     windows = sensitivity_token_ids(client.tokenizer, config)
     return output_sensitivities(language_model_loss(client.embed, body, client.logits), modules, windows)

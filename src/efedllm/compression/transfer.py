@@ -20,17 +20,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from efedllm.common.dtypes import DTYPES, dtype_name
+from efedllm.common.errors import EfedllmError
 from efedllm.compression.lowrank import LowRankLinear
 from efedllm.compression.svd import SvdFactors
 
 TRANSFER_VERSION = 1
 MAX_TENSORS_PER_LAYER = 64
 MAX_LAYERS = 1024
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FACTOR_NAMES = ("U", "S", "Vh")
 
 
-class TransferError(ValueError):
+class TransferError(EfedllmError, ValueError):
     """A packed span from a peer is malformed."""
 
 
@@ -58,10 +59,10 @@ class TransferSize:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    for name, candidate in DTYPES.items():
-        if candidate == dtype:
-            return name
-    raise TransferError(f"cannot send tensors of dtype {dtype}")
+    try:
+        return dtype_name(dtype)
+    except ValueError:
+        raise TransferError(f"cannot send tensors of dtype {dtype}") from None
 
 
 def _encode(tensor: torch.Tensor) -> dict:

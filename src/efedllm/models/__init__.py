@@ -1,24 +1,19 @@
-"""Models: resolving a model, loading one span of blocks or the client's parts, and running sessions.
+"""Models: resolving a model, loading one span of blocks or the client's parts, running sessions, and
+comparing hidden states.
 
-Heavy imports (torch, transformers) happen when these names are first used, not at import.
+- ``sources``: an alias, a GGUF file or a Hugging Face directory -> where its files are.
+- ``weights``: configs, tokenizers and tensors read one at a time.
+- ``family``, ``families``, ``llama``: what differs between architectures, and the registry.
+- ``span``: a span of blocks loaded alone, and the client's own parts (embeddings, head).
+- ``sessions``: per-session KV caches on a span, with validated steps.
+- ``comparison``: whether two computations of the same hidden states agree (spot checks, probes).
 """
 
 from __future__ import annotations
 
-__all__ = ["load_span", "load_client_parts", "resolve_model", "SpanModel", "ClientParts", "SpanSessions", "SpanInputError"]
+from efedllm.models.sessions import SpanInputError, SpanSessions, UnknownSessionError
+from efedllm.models.sources import ModelNotFoundError, ModelSource, resolve_model
+from efedllm.models.span import ClientParts, SpanModel, load_client_parts, load_span
 
-
-def __getattr__(name: str):
-    if name in ("load_span", "load_client_parts", "SpanModel", "ClientParts", "parse_dtype"):
-        from efedllm.models import span
-
-        return getattr(span, name)
-    if name in ("SpanSessions", "SpanInputError", "UnknownSessionError"):
-        from efedllm.models import sessions
-
-        return getattr(sessions, name)
-    if name in ("resolve_model", "ModelSource", "ModelNotFoundError"):
-        from efedllm.models import sources
-
-        return getattr(sources, name)
-    raise AttributeError(name)
+__all__ = ["load_span", "load_client_parts", "resolve_model", "ModelSource", "ModelNotFoundError", "SpanModel",
+           "ClientParts", "SpanSessions", "SpanInputError", "UnknownSessionError"]

@@ -1,56 +1,20 @@
-"""Model families: what differs between architectures, in one small record per family.
+"""The registry of model families: a model's ``config.model_type`` -> its :class:`ModelFamily`.
 
-A family names the transformers classes to reuse (config, decoder layer, rotary embedding,
-norm) and how tensors are named in GGUF files and in Hugging Face checkpoints. Adding a family
-is one small module that builds a :class:`ModelFamily` and calls :func:`register_family`.
+Adding a family is one module beside :mod:`efedllm.models.llama` with a function that builds its
+:class:`~efedllm.models.family.ModelFamily`, plus one entry in :data:`FAMILIES`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
+from efedllm.models.family import ModelFamily
+from efedllm.models.llama import llama_family
 
-
-def _identity(array: np.ndarray, gguf_name: str, config) -> np.ndarray:
-    return array
-
-
-@dataclass(frozen=True)
-class ModelFamily:
-    """How to build and fill one architecture from transformers' own modules.
-
-    ``layer_tensors`` maps a GGUF per-block tensor suffix (``attn_q.weight``) to the parameter name
-    inside one decoder layer (``self_attn.q_proj.weight``); HF checkpoints use
-    ``{hf_layer_prefix}{i}.{parameter}``. ``fix_gguf_tensor`` undoes conversions llama.cpp applied.
-    """
-
-    model_type: str
-    config_class: type
-    decoder_layer_class: type
-    rotary_class: type
-    norm_class: type
-    layer_tensors: dict[str, str]
-    hf_layer_prefix: str = "model.layers."
-    hf_embedding: str = "model.embed_tokens.weight"
-    hf_final_norm: str = "model.norm.weight"
-    hf_lm_head: str = "lm_head.weight"
-    gguf_embedding: str = "token_embd.weight"
-    gguf_final_norm: str = "output_norm.weight"
-    gguf_lm_head: str = "output.weight"
-    fix_gguf_tensor: Callable[[np.ndarray, str, object], np.ndarray] = field(default=_identity)
-
-
-def _registry() -> dict[str, Callable[[], ModelFamily]]:
-    # Families are built lazily so that importing this module imports no transformers model code.
-    from efedllm.models import llama
-
-    return {"llama": llama.llama_family}
+FAMILIES: dict[str, Callable[[], ModelFamily]] = {"llama": llama_family}
 
 
 def family_for(model_type: str) -> ModelFamily:
-    builders = _registry()
-    if model_type not in builders:
-        raise ValueError(f"model type {model_type!r} is not supported; supported: {sorted(builders)}")
-    return builders[model_type]()
+    if model_type not in FAMILIES:
+        raise ValueError(f"model type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]()

@@ -6,7 +6,7 @@ import numpy as np
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from efedllm.models.families import ModelFamily
+from efedllm.models.family import ModelFamily
 
 LLAMA_LAYER_TENSORS = {
     "attn_norm.weight": "input_layernorm.weight",

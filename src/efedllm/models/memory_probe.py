@@ -10,6 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
+# imported before the baseline below, so that the libraries' own memory is not counted
+from efedllm.models.sources import resolve_model
+from efedllm.models.span import load_client_parts, load_span
+from efedllm.models.weights import load_config
+
 
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -25,13 +30,6 @@ def main() -> None:
     parser.add_argument("end", type=int)
     parser.add_argument("--whole", action="store_true", help="also load the client parts (the whole model)")
     args = parser.parse_args()
-    import torch  # noqa: F401  (imported before the baseline so that it is not counted)
-    import transformers.models.llama.modeling_llama  # noqa: F401
-
-    from efedllm.models.span import load_client_parts, load_span
-    from efedllm.models.weights import load_config
-    from efedllm.models.sources import resolve_model
-
     load_config(resolve_model(args.model))  # warm caches and imports before the baseline
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM)
     before = _status_kib("VmRSS")

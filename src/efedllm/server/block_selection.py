@@ -7,7 +7,8 @@ far less covered than its own blocks) and leaving its window uncovers nothing.
 
 from __future__ import annotations
 
-from efedllm.records import ServerInfo, ServerState, Span
+from efedllm.common.spans import Span
+from efedllm.dht.records import ServerInfo, ServerState
 
 
 def block_coverage(servers: list[ServerInfo], num_blocks: int, excluded: set[str] = frozenset()) -> list[int]:

@@ -1,15 +1,17 @@
-"""The P2P servicer: ``rpc_*`` handlers that open sessions, run steps and forward along the chain.
+"""The span service's implementation: ``rpc_*`` handlers that open sessions, run steps and forward along the chain.
 
-Call order for a session: ``rpc_open_session`` (on every hop), ``rpc_step`` (many times),
-``rpc_close_session``. ``rpc_span_weights`` streams this server's weights to a joining server
-(:mod:`efedllm.server.weights`). A step with ``next_hops`` is forwarded by this server straight to the
-next hop; no hop returns through the client. Every request is validated; an error answers that
-request only and names what was wrong, or which downstream peer failed.
+The interface, handler names and stub are :mod:`efedllm.protocol.service`; ``start()`` registers this
+implementation there and ``shutdown()`` removes it. Call order for a session: ``rpc_open_session``
+(on every hop), ``rpc_step`` (many times), ``rpc_close_session``. ``rpc_span_weights`` streams this
+server's weights to a joining server (:mod:`efedllm.server.weights`). A step with ``next_hops`` is
+forwarded by this server straight to the next hop; no hop returns through the client. Every request
+is validated; an error answers that request only and names what was wrong, or which downstream peer
+failed.
 
 Chained steps with ``deliver_to`` (what clients send) come on the one-way ``STEP_PUSH`` stream
-(:mod:`efedllm.channel`) and get no acknowledgement at all: each is computed at once and pushed on
-to the next hop, and the last hop pushes the output to the requester's ``DELIVERY_PUSH``
-(:mod:`efedllm.delivery`), so the answer does not travel back along the chain. A chained step is
+(:mod:`efedllm.protocol.channel`) and get no acknowledgement at all: each is computed at once and
+pushed on to the next hop, and the last hop pushes the output to the requester's ``DELIVERY_PUSH``
+(:mod:`efedllm.protocol.delivery`), so the answer does not travel back along the chain. A chained step is
 four messages for three servers: client, hop, hop, hop, client. A step that cannot be served, and
 one lost because the stream to the next hop broke, is reported to the requester by delivery,
 naming the peer to blame. (Acknowledged steps measured slower: an acknowledgement sent before
@@ -26,16 +28,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator  # hivemind recognises streaming handlers by typing's alias only
+from collections.abc import AsyncIterator
 
-from hivemind.p2p import P2P, P2PContext, ServicerBase
+from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from efedllm import wire
-from efedllm.channel import ChannelPool, serve_requests, stop_serving
-from efedllm.delivery import DELIVERY_PUSH, deliver
+from efedllm.common.errors import RecordError
 from efedllm.models.sessions import SpanInputError, SpanSessions
-from efedllm.records import DeliveredStep, OpenSessionRequest, RecordError, StepRequest, WeightsRequest
+from efedllm.protocol import codec
+from efedllm.protocol.channel import ChannelPool
+from efedllm.protocol.delivery import DELIVERY_PUSH, deliver
+from efedllm.protocol.messages import (
+    CloseSessionRequest,
+    DeliveredStep,
+    OpenSessionRequest,
+    Reply,
+    StepRequest,
+    WeightsRequest,
+)
+from efedllm.protocol.service import STEP_PUSH, STEP_STREAM, serve_span_service, stop_span_service
+from efedllm.server.faults import FaultMode
+from efedllm.server.weights import pack_span_weights, weights_messages
 
 logger = logging.getLogger(__name__)
 # Steps of at most this many tokens run on the event loop: for a decode step the hand-off to the
@@ -43,15 +56,13 @@ logger = logging.getLogger(__name__)
 # local tokens/s (benchmarks/swarm_vs_local.py). Longer steps (prefills, probes) keep the loop free.
 INLINE_STEP_TOKENS = 1
 FORWARD_TIMEOUT = 20.0  # below the client's default request timeout, so a stalled hop is reported first
-STEP_STREAM = "SpanServicer.rpc_step.stream"
-STEP_PUSH = "SpanServicer.rpc_step.push"
 
 
-class SpanServicer(ServicerBase):
+class SpanServicer:
     """Serves one span's sessions. ``compute`` runs blocking tensor work off the event loop."""
 
-    def __init__(self, sessions: SpanSessions, p2p: P2P, compute, fault=None, wire_formats=wire.WIRE_FORMATS,
-                 compression: dict | None = None) -> None:
+    def __init__(self, sessions: SpanSessions, p2p: P2P, compute, fault: FaultMode | None = None,
+                 wire_formats=codec.WIRE_FORMATS, compression: dict | None = None) -> None:
         self.sessions, self.p2p, self.compute, self.fault = sessions, p2p, compute, fault
         self.wire_formats = tuple(wire_formats)
         self.compression = compression  # CompressionConfig.signature() of the hosted weights, None when dense
@@ -63,54 +74,53 @@ class SpanServicer(ServicerBase):
         self.deliveries = ChannelPool(p2p, DELIVERY_PUSH)  # outputs and failure reports, to requesters
         self._pools = (self.forwards, self.pushes, self.deliveries)
 
-    async def add_p2p_handlers(self, p2p: P2P, *args, **kwargs) -> None:
-        await super().add_p2p_handlers(p2p, *args, **kwargs)
-        await serve_requests(p2p, STEP_STREAM, self.rpc_step)
-        await serve_requests(p2p, STEP_PUSH, self.on_pushed_step, one_way=True)
+    async def start(self) -> None:
+        """Registers this servicer as the peer's span service (:func:`~efedllm.protocol.service.serve_span_service`)."""
+        await serve_span_service(self.p2p, self)
 
-    async def remove_p2p_handlers(self, p2p: P2P, *args, **kwargs) -> None:
-        await stop_serving(p2p, STEP_PUSH)
-        await stop_serving(p2p, STEP_STREAM)
-        await super().remove_p2p_handlers(p2p, *args, **kwargs)
+    async def shutdown(self) -> None:
+        """Unregisters the span service, stops the steps in flight and closes the open streams to other peers."""
+        await stop_span_service(self.p2p)
+        await self.cancel_hand_ons()
 
     async def rpc_open_session(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
-            open_request = OpenSessionRequest.from_wire(wire.unpack_metadata(request.metadata))
+            open_request = codec.read_message(OpenSessionRequest, request)
             self.sessions.open(open_request.session_id, open_request.max_length, open_request.span)
         except (RecordError, SpanInputError) as error:
-            return wire.error_response(str(error))
+            return codec.error_reply(str(error))
         self.last_used[open_request.session_id] = time.monotonic()
-        return wire.response({"ok": True})
+        return codec.ok_reply()
 
     async def rpc_close_session(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
-            session_id = wire.unpack_metadata(request.metadata).get("session_id")
-            self.sessions.close(session_id if isinstance(session_id, str) else "")
+            session_id = codec.read_message(CloseSessionRequest, request).session_id
+            self.sessions.close(session_id)
         except (RecordError, SpanInputError) as error:
-            return wire.error_response(str(error))
+            return codec.error_reply(str(error))
         self.last_used.pop(session_id, None)
-        return wire.response({"ok": True})
+        return codec.ok_reply()
 
     async def rpc_step(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
             step, hidden = self._read_step(request)
             if step.deliver_to is not None:
                 self._start_hand_on(self._compute_and_hand_on(step, hidden))
-                return wire.response({"ok": True})  # queued before the task computes: the caller is free at once
+                return codec.ok_reply()  # queued before the task computes: the caller is free at once
             tensors = await self._compute_step(step, hidden)
         except (RecordError, SpanInputError) as error:
-            return wire.error_response(str(error))
+            return codec.error_reply(str(error))
         except Exception as error:  # a bug in one step must not end the stream that other sessions share
             logger.exception("a step failed")
-            return wire.error_response(f"{type(error).__name__}: {error}")
+            return codec.error_reply(f"{type(error).__name__}: {error}")
         if not step.next_hops:
-            return wire.response({"ok": True}, tensors)
+            return codec.ok_reply(tensors)
         return await self._forward(step, tensors)
 
     async def on_pushed_step(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> None:
         """A delivered step from ``STEP_PUSH``: no acknowledgement, so every outcome goes to the requester."""
         try:
-            step = StepRequest.from_wire(wire.unpack_metadata(request.metadata))
+            step = codec.read_message(StepRequest, request)
         except RecordError as error:
             logger.info("unreadable one-way step from %s: %s", context.remote_id, error)
             return
@@ -126,7 +136,7 @@ class SpanServicer(ServicerBase):
 
     def _read_step(self, request: runtime_pb2.ExpertRequest):
         """(the validated StepRequest, its hidden states); raises RecordError or SpanInputError naming the problem."""
-        step = StepRequest.from_wire(wire.unpack_metadata(request.metadata))
+        step = codec.read_message(StepRequest, request)
         return step, self._step_inputs(step, request)
 
     def _step_inputs(self, step: StepRequest, request: runtime_pb2.ExpertRequest):
@@ -136,18 +146,16 @@ class SpanServicer(ServicerBase):
         session = self.sessions.get(step.session_id)
         if step.span != session.blocks:
             raise RecordError(f"step for blocks {step.span} sent to a session of blocks {session.blocks}")
-        return wire.decode_hidden(request.tensors, step.wire_format, self.sessions.model.dtype)
+        return codec.decode_hidden(request.tensors, step.wire_format, self.sessions.model.dtype)
 
     async def rpc_span_weights(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        from efedllm.server.weights import pack_span_weights, weights_messages
-
         try:
-            blocks = WeightsRequest.from_wire(wire.unpack_metadata(request.metadata)).span
+            blocks = codec.read_message(WeightsRequest, request).span
             header, payload = await self.compute(pack_span_weights, self.sessions.model, blocks, self.compression)
         except RecordError as error:
-            yield wire.error_response(str(error))
+            yield codec.error_reply(str(error))
             return
         logger.info("sending blocks %s (%d bytes) to %s", blocks, header.payload_bytes, context.remote_id)
         for message in weights_messages(header, payload):
@@ -164,7 +172,7 @@ class SpanServicer(ServicerBase):
             outputs = await self.compute(self._run_step, step, hidden)
         self.last_used[step.session_id] = time.monotonic()
         self.steps_served += 1
-        return wire.encode_hidden(outputs, step.wire_format)
+        return codec.encode_hidden(outputs, step.wire_format)
 
     def _run_step(self, step: StepRequest, hidden):
         outputs = self.sessions.step(step.session_id, hidden, step.position)
@@ -175,7 +183,7 @@ class SpanServicer(ServicerBase):
     async def _forward(self, step: StepRequest, tensors) -> runtime_pb2.ExpertResponse:
         """Sends the step on; the answer, or an error response naming the hop that failed."""
         answer, error, failed_peer = await self._call_next_hop(step, tensors)
-        return answer if answer is not None else wire.error_response(error, failed_peer=failed_peer)
+        return answer if answer is not None else codec.error_reply(error, failed_peer=failed_peer)
 
     async def _push_next_hop(self, step: StepRequest, tensors) -> None:
         """Sends a delivered step on, one way; if it is lost (the stream breaks first), the requester hears of it."""
@@ -185,32 +193,26 @@ class SpanServicer(ServicerBase):
             self._start_hand_on(self._report(step, f"next hop {next_hop.peer_id} failed: {reason}", next_hop.peer_id))
 
         try:
-            await self.pushes.send(next_hop.peer_id, wire.request(self._next_step(step).to_wire(), tensors), lost,
+            await self.pushes.send(next_hop.peer_id, codec.request(step.for_next_hop(), tensors), lost,
                                    key=next_hop.session_id, timeout=FORWARD_TIMEOUT)
         except Exception as error:
             logger.info("pushing to %s failed: %r", next_hop.peer_id, error)
             await self._report(step, f"next hop {next_hop.peer_id} failed: {error!r}", next_hop.peer_id)
 
-    @staticmethod
-    def _next_step(step: StepRequest) -> StepRequest:
-        next_hop = step.next_hops[0]
-        return StepRequest(next_hop.session_id, next_hop.span, step.position, step.wire_format, step.next_hops[1:],
-                           step.deliver_to)
-
     async def _call_next_hop(self, step: StepRequest, tensors) -> tuple[runtime_pb2.ExpertResponse | None, str, str]:
         """(the next hop's answer, "", "") when it accepted the step, else (None, error, peer to blame)."""
-        next_hop, forwarded = step.next_hops[0], self._next_step(step)
+        next_hop = step.next_hops[0]
         try:
-            answer = await self.forwards.call(next_hop.peer_id, wire.request(forwarded.to_wire(), tensors), FORWARD_TIMEOUT)
-            reply = wire.unpack_metadata(answer.metadata)
+            answer = await self.forwards.call(next_hop.peer_id, codec.request(step.for_next_hop(), tensors), FORWARD_TIMEOUT)
+            reply = codec.read_message(Reply, answer)
         except Exception as error:
             logger.info("forwarding to %s failed: %r", next_hop.peer_id, error)
             return None, f"next hop {next_hop.peer_id} failed: {error!r}", next_hop.peer_id
-        if reply.get("ok"):
+        if reply.ok:
             return answer, "", ""
-        if reply.get("failed_peer"):  # a hop further down failed and is named: pass the answer up as it is
-            return answer, str(reply.get("error")), str(reply["failed_peer"])
-        return None, f"next hop {next_hop.peer_id}: {reply.get('error')}", next_hop.peer_id
+        if reply.failed_peer:  # a hop further down failed and is named: pass the answer up as it is
+            return answer, reply.error, reply.failed_peer
+        return None, f"next hop {next_hop.peer_id}: {reply.error}", next_hop.peer_id
 
     def _start_hand_on(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)
@@ -238,7 +240,7 @@ class SpanServicer(ServicerBase):
             logger.info("delivery to %s failed: %r", step.deliver_to.peer_id, error)
 
     async def _report(self, step: StepRequest, error: str, failed_peer: str) -> None:
-        report = DeliveredStep(step.deliver_to.step_id, error[:4096], failed_peer)
+        report = DeliveredStep(step.deliver_to.step_id, Reply.failure(error, failed_peer))
         try:
             await deliver(self.deliveries, step.deliver_to.peer_id, report)
         except Exception as delivery_error:

@@ -9,15 +9,32 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
+import os
 import signal
 import time
 
 import torch
+from hivemind.dht import DHT
+from hivemind.dht.crypto import RSASignatureValidator
 
 from efedllm import __version__
-from efedllm.records import ServerInfo, ServerState, Span
+from efedllm.common.spans import Span
+from efedllm.compression.calibration import compress_span
+from efedllm.dht.records import ServerInfo, ServerState
+from efedllm.dht.servers import announce, fetch_servers
+from efedllm.dht.signed import owner_key
+from efedllm.dht.verdicts import deactivated_peers_in_dht
+from efedllm.models.sessions import SpanSessions
+from efedllm.models.sources import resolve_model
+from efedllm.models.span import SpanModel, load_span
+from efedllm.models.weights import load_config
+from efedllm.server.block_selection import block_coverage, choose_move, choose_window
 from efedllm.server.config import ServerConfig
+from efedllm.server.faults import FaultMode, parse_fault
+from efedllm.server.handler import SpanServicer
+from efedllm.server.weights import check_compression, fetch_span_weights, span_from_payload
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +55,8 @@ def measure_throughput(sessions, repeats: int = 8) -> float:
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.dht = self.p2p = self.servicer = self.sessions = None
+        self.dht = self.p2p = self.servicer = self.sessions = self.validator = None
+        self.peer_id: str | None = None
         self.span: Span | None = None
         self.throughput = 0.0
         self._stopping: asyncio.Event | None = None
@@ -64,9 +82,6 @@ class Server:
             self._stopping.set()
 
     async def start(self) -> None:
-        from hivemind.dht import DHT
-        from hivemind.dht.crypto import RSASignatureValidator
-
         if self.config.torch_threads is not None:
             torch.set_num_threads(self.config.torch_threads)
         self.validator = RSASignatureValidator()
@@ -83,10 +98,16 @@ class Server:
         for maddr in self.dht.get_visible_maddrs():
             print(f"efedllm server {self.peer_id} serves blocks {self.span} at {maddr}", flush=True)
 
-    async def _load(self, span: Span) -> None:
-        from efedllm.models.sessions import SpanSessions
-        from efedllm.server.handler import SpanServicer
+    def _write_ready_file(self) -> None:
+        """Tells a launcher (``ready_file``) that this server is online: written whole, then renamed into place."""
+        if self.config.ready_file is None:
+            return
+        ready = {"peer_id": self.peer_id, "blocks": str(self.span), "maddrs": [str(m) for m in self.dht.get_visible_maddrs()]}
+        staging = self.config.ready_file.with_name(f".{self.config.ready_file.name}.{os.getpid()}")
+        staging.write_text(json.dumps(ready))
+        os.replace(staging, self.config.ready_file)
 
+    async def _load(self, span: Span) -> None:
         self.span = span
         self._announce(ServerState.JOINING)
         if self.config.weights_from and self.sessions is None:
@@ -97,25 +118,20 @@ class Server:
         self.throughput = await self._compute(measure_throughput, self.sessions)
         fault = self._build_fault(model)
         if self.servicer is not None:
-            await self.servicer.remove_p2p_handlers(self.p2p)
+            await self.servicer.shutdown()
         compression = self.config.compression.signature() if self.config.compression else None
         self.servicer = SpanServicer(self.sessions, self.p2p, self._compute, fault, self.config.wire_formats, compression)
-        await self.servicer.add_p2p_handlers(self.p2p)
+        await self.servicer.start()
         self._announce(ServerState.ONLINE)
+        self._write_ready_file()
 
-    def _load_span_model(self, span: Span):
-        from efedllm.models.span import load_span
-
+    def _load_span_model(self, span: Span) -> SpanModel:
         model = load_span(self.config.model, span.start, span.end, self.config.dtype)
         if self.config.compression:
-            from efedllm.compression.serving import span_compressor
-
-            span_compressor(self.config.model, self.config.compression)(model)
+            compress_span(model, self.config.model, self.config.compression)
         return model
 
-    async def _receive_span_model(self, span: Span):
-        from efedllm.server.weights import check_compression, fetch_span_weights, span_from_payload
-
+    async def _receive_span_model(self, span: Span) -> SpanModel:
         wanted = self.config.compression.signature() if self.config.compression else None
         header, payload = await fetch_span_weights(self.p2p, self.config.weights_from, span)
         still_to_compress = check_compression(header, wanted)
@@ -124,16 +140,12 @@ class Server:
               f"{header.payload_bytes} bytes on the wire, {header.dense_bytes} dense "
               f"(ratio {header.payload_bytes / header.dense_bytes:.4f})", flush=True)
         if still_to_compress:
-            from efedllm.compression.serving import span_compressor
-
-            await self._compute(span_compressor(self.config.model, self.config.compression), model)
+            await self._compute(compress_span, model, self.config.model, self.config.compression)
         return model
 
-    def _build_fault(self, model):
+    def _build_fault(self, model: SpanModel) -> FaultMode | None:
         if not self.config.fault:
             return None
-        from efedllm.verifier.faults import parse_fault
-
         fault = parse_fault(self.config.fault)
         fault.prepare(model.layers)
         return fault
@@ -150,11 +162,14 @@ class Server:
         except Exception as error:
             logger.warning("could not announce offline: %s", error)
         if self.servicer is not None:
-            await self.servicer.cancel_hand_ons()
+            try:
+                await self.servicer.shutdown()
+            except Exception as error:  # the p2p daemon may be gone already: the DHT must still shut down
+                logger.warning("could not stop serving cleanly: %r", error)
         self.dht.shutdown()
         self.dht = None
         self._executor.shutdown(wait=False)
-        print(f"efedllm server {getattr(self, 'peer_id', '?')} left", flush=True)
+        print(f"efedllm server {self.peer_id or '?'} left", flush=True)
 
     # serving -------------------------------------------------------------------------------
     async def _serve_until_stopped(self) -> None:
@@ -196,26 +211,20 @@ class Server:
             throughput=float(self.throughput),
             free_cache_tokens=free_tokens,
             max_sessions=self.config.max_sessions,
-            public_key=self.validator.local_public_key.hex(),
+            public_key=owner_key(self.validator),
             software_version=__version__,
             wire_formats=tuple(self.config.wire_formats),
             dtype=self.config.dtype,
         )
 
     def _announce(self, state: ServerState) -> int:
-        from efedllm.discovery import announce
-
         return announce(self.dht, self.validator, self.info(state), ttl=3 * self.config.announce_interval)
 
     # block selection -----------------------------------------------------------------------
     def _num_model_blocks(self) -> int:
-        from efedllm.models.sources import resolve_model
-        from efedllm.models.weights import load_config
-
         return load_config(resolve_model(self.config.model)).num_hidden_layers
 
     def _swarm_servers(self, excluded: set[str] = frozenset()):
-        from efedllm.discovery import fetch_servers
         total = self._num_model_blocks()
         servers = fetch_servers(self.dht, self.config.model, total)
         banned = self.deactivated_peers(servers.keys()) | set(excluded)
@@ -223,23 +232,14 @@ class Server:
 
     def deactivated_peers(self, peer_ids) -> set[str]:
         """Those of ``peer_ids`` a quorum of trusted verifiers deactivated; their blocks count as uncovered."""
-        from efedllm.verifier.quorum import QuorumRule
-        from efedllm.verifier.verdicts import deactivated_peers_in_dht
-
-        if not self.config.trusted_verifier_keys:
-            return set()
         return deactivated_peers_in_dht(self.dht, self.config.model, peer_ids, self.config.trusted_verifier_keys,
-                                        QuorumRule.parse(self.config.verifier_quorum))
+                                        self.config.verifier_quorum)
 
     async def _choose_span(self) -> Span:
-        from efedllm.server.block_selection import block_coverage, choose_window
-
         servers, total = await asyncio.get_running_loop().run_in_executor(None, self._swarm_servers)
         return choose_window(block_coverage(servers, total), self.config.num_blocks)
 
     async def _maybe_move(self) -> None:
-        from efedllm.server.block_selection import block_coverage, choose_move
-
         servers, total = await asyncio.get_running_loop().run_in_executor(None, self._swarm_servers, {self.peer_id})
         target = choose_move(block_coverage(servers, total), self.span)
         if target is not None and len(self.sessions) == 0:

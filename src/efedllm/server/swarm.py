@@ -1,19 +1,30 @@
 """A local swarm on 127.0.0.1: a bootstrap DHT node in this process and server subprocesses.
 
 Used by ``efedllm demo``, ``efedllm swarm up``, the swarm tests and the benchmarks. Every process
-it starts is terminated (SIGTERM, then SIGKILL after a grace period) by ``shutdown()``.
+it starts is terminated (SIGTERM, then SIGKILL after a grace period) by ``shutdown()``. Each server
+is started with ``--ready-file``: it writes its peer id, span and addresses there once it is online,
+and :func:`peer_id_of` reads that file (not the server's log).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
-from efedllm.records import Span
+from hivemind.dht import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+
+from efedllm.common.spans import Span
+from efedllm.dht.records import ServerInfo, ServerState
+from efedllm.dht.servers import fetch_servers
+from efedllm.models.sources import resolve_model
+from efedllm.models.weights import load_config
 
 
 @dataclass
@@ -21,7 +32,16 @@ class ServerProcess:
     blocks: str
     process: subprocess.Popen
     log_path: str
+    ready_path: str
     extra: list[str] = field(default_factory=list)
+
+    def ready(self) -> dict | None:
+        """What the server wrote to its ready file once online (peer id, blocks, addresses), or None yet."""
+        try:
+            with open(self.ready_path) as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return None
 
     def log(self) -> str:
         try:
@@ -44,13 +64,13 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 
 
 def peer_id_of(server: ServerProcess, timeout: float = 10.0) -> str | None:
-    """The peer id a server printed when it came up; waits up to ``timeout`` s for the line, since a
-    server announces itself online in the DHT just before it prints it."""
+    """The peer id in a server's ready file; waits up to ``timeout`` s for it, since a server
+    announces itself online in the DHT just before it writes the file."""
     deadline = time.monotonic() + timeout
     while True:
-        for line in server.log().splitlines():
-            if line.startswith("efedllm server ") and " serves blocks " in line:
-                return line.split()[2]
+        ready = server.ready()
+        if ready is not None:
+            return ready["peer_id"]
         if time.monotonic() > deadline or server.process.poll() is not None:
             return None
         time.sleep(0.1)
@@ -67,14 +87,11 @@ def server_environment(environment) -> dict:
 class LocalSwarm:
     def __init__(self, model: str = "smollm2-135m", log_dir: str | None = None) -> None:
         self.model = model
-        self.log_dir = log_dir or os.path.join("/tmp", f"efedllm-swarm-{os.getpid()}")
+        self.log_dir = log_dir  # None: a fresh folder per swarm, made when the first server starts
         self.servers: list[ServerProcess] = []
         self.dht = None
 
     def start_bootstrap(self) -> list[str]:
-        from hivemind.dht import DHT
-        from hivemind.dht.crypto import RSASignatureValidator
-
         self.dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[RSASignatureValidator()])
         return self.initial_peers
 
@@ -83,31 +100,31 @@ class LocalSwarm:
         return [str(maddr) for maddr in self.dht.get_visible_maddrs()]
 
     def start_server(self, blocks: str | None = None, num_blocks: int | None = None, extra: list[str] = ()) -> ServerProcess:
+        if self.log_dir is None:
+            self.log_dir = tempfile.mkdtemp(prefix=f"efedllm-swarm-{os.getpid()}-")
         os.makedirs(self.log_dir, exist_ok=True)
-        command = [sys.executable, "-m", "efedllm.cli", "serve", "--model", self.model, "--host", "127.0.0.1",
-                   "--initial-peers", *self.initial_peers, *extra]
-        command += ["--blocks", blocks] if blocks else ["--num-blocks", str(num_blocks)]
         log_path = os.path.join(self.log_dir, f"server-{len(self.servers)}.log")
+        ready_path = os.path.join(self.log_dir, f"server-{len(self.servers)}.ready.json")
+        if os.path.exists(ready_path):
+            os.remove(ready_path)  # a folder reused from an earlier swarm: wait for this server's own file
+        command = [sys.executable, "-m", "efedllm.cli", "serve", "--model", self.model, "--host", "127.0.0.1",
+                   *[argument for peer in self.initial_peers for argument in ("--initial-peers", peer)],
+                   "--ready-file", ready_path, *extra]
+        command += ["--blocks", blocks] if blocks else ["--num-blocks", str(num_blocks)]
         with open(log_path, "w") as log:
             # own process group: stopping a server also stops its p2p daemon, as if the machine died
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                        env=server_environment(os.environ))
-        server = ServerProcess(blocks or f"auto:{num_blocks}", process, log_path, list(extra))
+        server = ServerProcess(blocks or f"auto:{num_blocks}", process, log_path, ready_path, list(extra))
         self.servers.append(server)
         return server
 
-    def server_records(self):
-        from efedllm.discovery import fetch_servers
-        from efedllm.models.sources import resolve_model
-        from efedllm.models.weights import load_config
-
+    def server_records(self) -> tuple[dict[str, ServerInfo], int]:
         total = load_config(resolve_model(self.model)).num_hidden_layers
         return fetch_servers(self.dht, self.model, total), total
 
     def wait_until_online(self, count: int, timeout: float = 180.0) -> dict:
         """Wait until ``count`` servers announce themselves online; raise with their logs if not."""
-        from efedllm.records import ServerState
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for server in self.servers:

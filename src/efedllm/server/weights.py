@@ -6,7 +6,7 @@ they travel as their eq. 9 factors U_k, Σ_k, V_kᵀ, so a transfer at ratio C s
 dense bytes; the header says both numbers, and the receiver logs them.
 
 Call order. Sender: ``rpc_span_weights`` (in the servicer) calls :func:`pack_span_weights` and
-streams a :class:`WeightsHeader` then the payload in chunks of :data:`CHUNK_BYTES`. Receiver:
+streams a :class:`Reply`, a :class:`WeightsHeader`, then the payload in chunks of :data:`CHUNK_BYTES`. Receiver:
 :func:`fetch_span_weights` (validates the header, sizes and sender's compression against its
 own), then :func:`span_from_payload`.
 
@@ -19,26 +19,35 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
-from efedllm import wire
-from efedllm.records import RecordError, Span, WeightsHeader, WeightsRequest
+from efedllm.common.dtypes import dtype_name, parse_dtype
+from efedllm.common.errors import RecordError
+from efedllm.common.spans import Span
+from efedllm.compression.transfer import (
+    TransferError,
+    dense_payload_bytes,
+    load_packed_layers,
+    pack_layers,
+    unpack_layers,
+)
+from efedllm.models.span import empty_span
+from efedllm.protocol import codec
+from efedllm.protocol.messages import Reply, WeightsHeader, WeightsRequest
+from efedllm.protocol.service import span_service_stub
 
 CHUNK_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 16 << 30
 FETCH_TIMEOUT = 600.0
 
 
-class WeightsTransferError(ValueError):
+class WeightsTransferError(TransferError):
     """A weights transfer failed: the peer refused, sent malformed data, or compresses differently."""
 
 
 def pack_span_weights(span_model, blocks: Span, compression: dict | None) -> tuple[WeightsHeader, bytes]:
     """Header and payload of ``blocks`` (inside ``span_model``'s span), factors where compressed."""
-    from efedllm.compression.transfer import dense_payload_bytes, pack_layers
-    from efedllm.models.span import dtype_name
-
     if not span_model.span.contains(blocks):
         raise RecordError(f"blocks {blocks} are not inside this server's span {span_model.span}")
     first, last = blocks.start - span_model.span.start, blocks.end - span_model.span.start
@@ -49,8 +58,9 @@ def pack_span_weights(span_model, blocks: Span, compression: dict | None) -> tup
 
 
 def weights_messages(header: WeightsHeader, payload: bytes):
-    """The stream a sender answers with: the header, then raw payload chunks (carried in ``metadata``)."""
-    yield wire.response({"ok": True, "header": header.to_wire()})
+    """The stream a sender answers with: a reply, the header, then raw payload chunks (carried in ``metadata``)."""
+    yield codec.ok_reply()
+    yield codec.response(header)
     for offset in range(0, len(payload), CHUNK_BYTES):
         yield runtime_pb2.ExpertResponse(metadata=payload[offset : offset + CHUNK_BYTES])
 
@@ -82,15 +92,12 @@ async def fetch_span_weights(p2p: P2P, peer_id: str, blocks: Span) -> tuple[Weig
 
 
 async def _fetch(p2p: P2P, peer_id: str, blocks: Span) -> tuple[WeightsHeader, bytes]:
-    from efedllm.server.handler import SpanServicer
-
-    stub = SpanServicer.get_stub(p2p, PeerID.from_base58(peer_id))
-    stream: AsyncIterator[runtime_pb2.ExpertResponse] = await stub.rpc_span_weights(wire.request(WeightsRequest(blocks).to_wire()))
-    first = await anext(stream)
-    metadata = wire.unpack_metadata(first.metadata)
-    if not metadata.get("ok"):
-        raise WeightsTransferError(f"peer {peer_id} refused blocks {blocks}: {metadata.get('error')}")
-    header = WeightsHeader.from_wire(metadata.get("header"))
+    stub = span_service_stub(p2p, peer_id)
+    stream: AsyncIterator[runtime_pb2.ExpertResponse] = await stub.rpc_span_weights(codec.request(WeightsRequest(blocks)))
+    reply = codec.read_message(Reply, await anext(stream))
+    if not reply.ok:
+        raise WeightsTransferError(f"peer {peer_id} refused blocks {blocks}: {reply.error}")
+    header = codec.read_message(WeightsHeader, await anext(stream))
     if header.span != blocks or header.payload_bytes > MAX_PAYLOAD_BYTES:
         raise WeightsTransferError(f"peer {peer_id} announced blocks {header.span} of {header.payload_bytes} bytes for {blocks}")
     chunks, received = [], 0
@@ -106,9 +113,6 @@ async def _fetch(p2p: P2P, peer_id: str, blocks: Span) -> tuple[WeightsHeader, b
 
 def span_from_payload(model: str, blocks: Span, payload: bytes, dtype: str):
     """A ``SpanModel`` of ``blocks`` built from a received payload, in ``dtype``."""
-    from efedllm.compression.transfer import TransferError, load_packed_layers, unpack_layers
-    from efedllm.models.span import empty_span, parse_dtype
-
     packed = unpack_layers(payload)
     if packed.start != blocks.start or packed.end != blocks.end:
         raise TransferError(f"payload holds blocks {packed.start}:{packed.end}, expected {blocks}")

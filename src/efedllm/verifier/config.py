@@ -7,17 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from efedllm.verifier.comparison import DEFAULT_TOLERANCES, Tolerances
-from efedllm.verifier.quorum import QuorumRule
+from efedllm.dht.quorum import QuorumRule
+from efedllm.models.comparison import DEFAULT_TOLERANCES, Tolerances
+from efedllm.verifier.ledger import default_ledger_path
 from efedllm.verifier.trust import POLICIES, TrustPolicy, make_policy, wilson_bounds
 
 # decode steps per probe after its prefill (the verifier node's default, see VerifierNodeConfig)
 DEFAULT_PROBE_DECODE_STEPS = 8
-
-
-def default_ledger_path() -> Path:
-    """``~/.local/share/efedllm/ledger.sqlite``: the ledger outlives caches, so it is not under ``~/.cache``."""
-    return Path.home() / ".local" / "share" / "efedllm" / "ledger.sqlite"
+# Same weights, same dtype, same kernels: prefill-vs-decode and batching differences stay ~1e-5.
+SAME_DTYPE_TOLERANCES = Tolerances(min_cosine=0.99999, max_relative_l2=2e-3, max_off_fraction=0.0, hard_max_relative_l2=2e-3)
 
 
 @dataclass(frozen=True)
@@ -33,7 +31,7 @@ class VerifierConfig:
         policy: ``"robust"`` (default: activation from a confidence bound on the pass rate) or
             ``"paper"`` (eq. (4) literally); see :mod:`efedllm.verifier.trust`.
         window: how many recent probes per server make up ``acc_i``.
-        tolerances: when a probe passes; see :mod:`efedllm.verifier.comparison`.
+        tolerances: when a probe passes; see :mod:`efedllm.models.comparison`.
         confidence: one-sided confidence of the ``robust`` policy's Wilson bounds, in (0.5, 1).
             At 0.99 and θ = 0.8 a fresh server is deactivated after 2 failed probes out of 2, an
             established one once its window's pass rate is confidently below θ.

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AbstractSet, Callable, Iterator, Mapping
 
+from efedllm.common.errors import EfedllmError
 from efedllm.verifier.trust import reward_shares
 
 SCHEMA_VERSION = 1
@@ -61,7 +62,7 @@ CREATE TABLE IF NOT EXISTS credits (
 """
 
 
-class LedgerError(RuntimeError):
+class LedgerError(EfedllmError, RuntimeError):
     """The ledger cannot do what was asked (closed epoch, missing file, newer schema)."""
 
 
@@ -91,6 +92,11 @@ class Balance:
     credited_work: int
     pending_work: int
     epochs: int
+
+
+def default_ledger_path() -> Path:
+    """``~/.local/share/efedllm/ledger.sqlite``: the ledger outlives caches, so it is not under ``~/.cache``."""
+    return Path.home() / ".local" / "share" / "efedllm" / "ledger.sqlite"
 
 
 def epoch_of(timestamp: float, epoch_seconds: float) -> int:

@@ -33,15 +33,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from hivemind.dht import DHT
+from hivemind.dht.crypto import RSASignatureValidator
 
-from efedllm import wire
-from efedllm.records import OpenSessionRequest, RecordError, ServerInfo, ServerState, Span, StepRequest
-from efedllm.models.span import dtype_name
-from efedllm.verifier.comparison import ProbeComparison, Tolerances, compare_outputs
-
-# Same weights, same dtype, same kernels: prefill-vs-decode and batching differences stay ~1e-5.
-SAME_DTYPE_TOLERANCES = Tolerances(min_cosine=0.99999, max_relative_l2=2e-3, max_off_fraction=0.0, hard_max_relative_l2=2e-3)
-from efedllm.verifier.config import DEFAULT_PROBE_DECODE_STEPS, VerifierConfig
+from efedllm.common.background import BackgroundLoop
+from efedllm.common.dtypes import dtype_name
+from efedllm.common.errors import EfedllmError, RecordError
+from efedllm.common.spans import Span
+from efedllm.dht.evidence import evidence_in, evidence_key, probe_order
+from efedllm.dht.records import ServerInfo, ServerState
+from efedllm.dht.servers import fetch_servers
+from efedllm.dht.signed import owner_key
+from efedllm.dht.verdicts import publish_verdict
+from efedllm.models.comparison import ProbeComparison, Tolerances, compare_outputs
+from efedllm.models.span import load_client_parts, load_span
+from efedllm.protocol import codec
+from efedllm.protocol.messages import OpenSessionRequest, StepRequest
+from efedllm.protocol.service import HopFailure, RemoteSpanStub
+from efedllm.verifier.config import DEFAULT_PROBE_DECODE_STEPS, SAME_DTYPE_TOLERANCES, VerifierConfig
+from efedllm.verifier.ledger import Ledger, epoch_of
 from efedllm.verifier.trust import ProbeWindow, ServerEvidence, TrustDecision, decide_trust
 
 logger = logging.getLogger(__name__)
@@ -143,7 +153,7 @@ def reference_trace(parts, reference, token_ids: torch.Tensor, decode_steps: int
     return ReferenceTrace(tuple(steps))
 
 
-class ProbeFailure(RuntimeError):
+class ProbeFailure(EfedllmError):
     """A server did not answer a probe properly (counts as a failed probe)."""
 
 
@@ -199,31 +209,24 @@ class Verifier:
         self._random = random.Random(config.seed)
         self._passages: list[str] = []
         self._stopping = threading.Event()
-        self._loop = None
+        self.loop = BackgroundLoop("efedllm-verifier-loop")
+        self.validator: RSASignatureValidator | None = None
+        self.key: str | None = None
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> "Verifier":
-        from hivemind.dht import DHT
-        from hivemind.dht.crypto import RSASignatureValidator
-
-        from efedllm.models import load_client_parts, load_span
-        from efedllm.verifier.ledger import Ledger
-        from efedllm.verifier.verdicts import verifier_key
-
         torch.set_num_threads(self.config.torch_threads)
         self.parts = load_client_parts(self.config.model)
         self.reference = load_span(self.config.model, 0, self.parts.config.num_hidden_layers)
         self._passages = load_passages(self.config.corpus_path or default_corpus_path())
         self.ledger = Ledger(self.config.decisions.ledger_path).open()
         self.validator = RSASignatureValidator()
-        self.key = verifier_key(self.validator)
+        self.key = owner_key(self.validator)
         self.dht = DHT(initial_peers=list(self.config.initial_peers) or None, start=True,
                        host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.port}"],
                        record_validators=[self.validator])
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="efedllm-verifier-loop")
-        self._thread.start()
-        self.p2p = self._run(self.dht.replicate_p2p())
+        self.loop.start()
+        self.p2p = self.loop.run(self.dht.replicate_p2p())
         return self
 
     def run(self, on_round=None) -> None:
@@ -248,23 +251,13 @@ class Verifier:
         self._random = random.Random(seed)
 
     def shutdown(self) -> None:
-        if self._loop is not None:
-            from efedllm.client.remote import _cancel_other_tasks
-
-            self._run(_cancel_other_tasks())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
-            self._loop.close()
-            self._loop = None
+        self.loop.shutdown()
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = None
-
-    def _run(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     # one round -----------------------------------------------------------------------------
     def prepare_trace(self) -> ReferenceTrace:
@@ -273,15 +266,13 @@ class Verifier:
 
     def run_round(self, trace: ReferenceTrace | None = None) -> RoundReport:
         """Probe every online server once (suspects twice) with ``trace`` (default: a fresh one), decide, publish."""
-        from efedllm.discovery import fetch_servers
-
         servers = fetch_servers(self.dht, self.config.model, self.parts.config.num_hidden_layers)
         online = [info for info in servers.values() if info.state is ServerState.ONLINE]
         self._random.shuffle(online)
         online = self._suspects_first(online)
         trace = trace or self.prepare_trace()
         bytes_before = self.probe_bytes
-        outcomes = tuple(self._run(self._probe_all(online, trace)))
+        outcomes = tuple(self.loop.run(self._probe_all(online, trace)))
         for outcome in outcomes:
             self.window.record(outcome.peer_id, outcome.passed)
         decisions = self._decide(online)
@@ -297,8 +288,6 @@ class Verifier:
         The DHT lookup started in the previous round is used if it has finished (a lookup of an
         absent key can take seconds; a round never waits for it), and the next one is started.
         """
-        from efedllm.verifier.evidence import evidence_in, evidence_key, probe_order
-
         pending, self._evidence_lookup = self._evidence_lookup, self.dht.get(
             evidence_key(self.config.model), latest=True, return_future=True)
         if pending is None or not pending.done():
@@ -357,30 +346,27 @@ class Verifier:
 
     async def _send_probe(self, info: ServerInfo, trace: ReferenceTrace) -> torch.Tensor:
         """The probe, as a client would send it; returns the server's outputs [1, tokens, hidden]."""
-        from efedllm.client.remote import HopFailure, RemoteSpanStub
-
         wire_format = "float32" if "float32" in info.wire_formats else info.wire_formats[0]
         session_id, timeout = uuid.uuid4().hex, self.config.request_timeout
         try:
             stub = RemoteSpanStub(self.p2p, info.peer_id)
-            await stub.call("rpc_open_session", OpenSessionRequest(session_id, info.span, trace.tokens).to_wire(), timeout=timeout)
+            await stub.open_session(OpenSessionRequest(session_id, info.span, trace.tokens), timeout)
         except (HopFailure, ValueError) as error:
             raise ProbeFailure(f"cannot open a session: {error}") from None
         outputs, position = [], 0
         try:
             for step in trace.steps:
-                tensors = wire.encode_hidden(step[info.span.start], wire_format)
-                self.probe_bytes += wire.wire_bytes(tensors)
-                request = StepRequest(session_id, info.span, position, wire_format)
-                answer = await stub.call("rpc_step", request.to_wire(), tensors, timeout)
-                self.probe_bytes += wire.wire_bytes(answer.tensors)
-                outputs.append(wire.decode_hidden(answer.tensors, wire_format, torch.float32))
+                tensors = codec.encode_hidden(step[info.span.start], wire_format)
+                self.probe_bytes += codec.wire_bytes(tensors)
+                answer = await stub.step(StepRequest(session_id, info.span, position, wire_format), tensors, timeout)
+                self.probe_bytes += codec.wire_bytes(answer)
+                outputs.append(codec.decode_hidden(answer, wire_format, torch.float32))
                 position += step[0].shape[1]
         except (HopFailure, RecordError) as error:
             raise ProbeFailure(f"step {len(outputs)} failed: {error}") from None
         finally:
             try:
-                await stub.call("rpc_close_session", {"session_id": session_id}, timeout=5.0)
+                await stub.close_session(session_id)
             except HopFailure:
                 pass
         return torch.cat(outputs, dim=1)
@@ -398,8 +384,6 @@ class Verifier:
         return decisions
 
     def _publish(self, decisions: list[TrustDecision]) -> None:
-        from efedllm.verifier.verdicts import publish_verdict
-
         now = time.time()
         for decision in decisions:
             verdict = decision.to_verdict(self.key, now, self.config.decisions.policy)
@@ -411,8 +395,6 @@ class Verifier:
 
     def _record_work(self, outcomes: tuple[ProbeOutcome, ...]) -> None:
         """Passed probes are verified work; closing the epoch pays only servers active by then."""
-        from efedllm.verifier.ledger import epoch_of
-
         epoch = epoch_of(time.time(), self.config.decisions.epoch_seconds)
         for outcome in outcomes:
             if outcome.passed:
@@ -420,14 +402,10 @@ class Verifier:
 
     def close_finished_epochs(self) -> list:
         """Credit every epoch that has ended and holds work, with the current scores and activation."""
-        from efedllm.verifier.ledger import epoch_of
-
         current = epoch_of(time.time(), self.config.decisions.epoch_seconds)
-        pending = {row[0] for row in self.ledger.connection.execute(
-            "SELECT DISTINCT epoch FROM work WHERE epoch < ? AND epoch NOT IN (SELECT epoch FROM epochs)", (current,))}
         active = {peer for peer, is_active in self.active.items() if is_active}
         return [self.ledger.close_epoch(epoch, self.scores, active, self.config.decisions.reward_per_epoch)
-                for epoch in sorted(pending)]
+                for epoch in self.ledger.pending_epochs(current)]
 
 
 def load_passages(path: Path) -> list[str]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Iterable, Mapping, Sequence
 
-from efedllm.records import TrustVerdict
+from efedllm.dht.records import TrustVerdict
 
 
 def trust_score(accuracy: float, blocks: int, max_blocks: int, weight: float = 1.0) -> float:

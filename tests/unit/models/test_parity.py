@@ -6,13 +6,12 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-
 from transformers import GenerationConfig as TransformersGenerationConfig
 
 from efedllm.client.local import LocalModelForCausalLM
 from efedllm.client.sampling import GenerationConfig
+from efedllm.common.spans import Span, parse_spans
 from efedllm.models import load_span
-from efedllm.records import Span, parse_spans
 
 PROMPTS = [
     ("What is the capital of France?", True),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from efedllm.common.spans import Span
 from efedllm.models import load_span
 from efedllm.models.sessions import SpanInputError, SpanSessions, UnknownSessionError
 from efedllm.models.sources import ModelNotFoundError, resolve_model
-from efedllm.records import Span
 
 
 @pytest.fixture(scope="module")

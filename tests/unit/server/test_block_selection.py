@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from efedllm.records import ServerInfo, ServerState, Span
+from efedllm.common.spans import Span
+from efedllm.dht.records import ServerInfo, ServerState
 from efedllm.server.block_selection import block_coverage, choose_move, choose_window
 from efedllm.server.swarm import even_spans
 

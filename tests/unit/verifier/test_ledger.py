@@ -1,7 +1,6 @@
 """The reward ledger: crediting, idempotence, and crash safety under a real SIGKILL (real SQLite)."""
 
 import math
-import os
 import signal
 import sqlite3
 import subprocess

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
+from efedllm.dht.quorum import QuorumRule
 from efedllm.verifier.config import VerifierConfig
-from efedllm.verifier.quorum import QuorumRule
 from efedllm.verifier.trust import RobustPolicy
 
 

@@ -1,0 +1,99 @@
+"""``efedllm generate``: generate text locally (``--local``) or through a swarm."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from efedllm.cli import arguments
+from efedllm.cli.parser import positive_int
+from efedllm.client.config import RemoteClientConfig
+from efedllm.client.local import LocalModelForCausalLM
+from efedllm.client.remote import DistributedModelForCausalLM
+from efedllm.client.sampling import GenerationConfig
+from efedllm.common.spans import parse_spans
+from efedllm.compression.calibration import compress_span
+from efedllm.protocol.codec import WIRE_FORMATS
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--greedy", action="store_true", help="pick the most likely token (no sampling)")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed, stop_strings=tuple(args.stop))
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="generate text, locally (--local) or through a swarm")
+    parser.add_argument("prompt")
+    arguments.add_model(parser)
+    parser.add_argument("--local", action="store_true", help="run every block in this process")
+    parser.add_argument("--spans", default=None, help="with --local: consecutive spans, e.g. 0:10,10:20,20:30")
+    arguments.add_initial_peers(parser)
+    arguments.add_dtype(parser)
+    parser.add_argument("--wire", default=None, choices=list(WIRE_FORMATS))
+    parser.add_argument("--relay", action="store_true", help="route every hop through the client (Petals' way)")
+    parser.add_argument("--answer-along-chain", action="store_true",
+                        help="chained steps answer back hop by hop instead of the last hop delivering to the client")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    arguments.add_trusted_verifiers(parser, "route around servers")
+    parser.add_argument("--verify-fraction", type=float, default=0.0, metavar="P",
+                        help="spot-check this share of steps on a second, disjoint chain; report mismatches to verifiers")
+    add_generation_arguments(parser)
+    arguments.add_compression_arguments(parser)
+    parser.set_defaults(func=run_generate)
+
+
+def remote_config(args: argparse.Namespace) -> RemoteClientConfig:
+    return RemoteClientConfig(relay=args.relay, direct_delivery=not args.answer_along_chain, wire_format=args.wire,
+                              dtype=args.dtype, trusted_verifier_keys=tuple(args.trusted_verifiers),
+                              verifier_quorum=args.verifier_quorum, verify_fraction=args.verify_fraction)
+
+
+def _print_stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _load_model(args: argparse.Namespace):
+    """The local pipeline or the distributed client; every argument is checked before either loads."""
+    blocks = arguments.model_blocks(args.model)
+    if not args.local:
+        if args.spans or args.svd_ratio is not None or args.svd_energy is not None:
+            raise ValueError("--spans and --svd-* go with --local (a swarm's servers compress their own spans)")
+        if not args.initial_peers:
+            raise ValueError("give --initial-peers of a swarm, or --local to run every block here")
+        return DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers, remote_config(args))
+    spans = parse_spans(args.spans) if args.spans else None
+    if spans is not None and (spans[0].start != 0 or spans[-1].end != blocks):
+        raise ValueError(f"--spans {args.spans} must cover blocks 0:{blocks}")
+    compression = arguments.compression_config_from_args(args)
+    transform = None if compression is None else (lambda span: compress_span(span, args.model, compression))
+    return LocalModelForCausalLM.load(args.model, spans, args.dtype, transform=transform)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    config = generation_config(args)
+    model = _load_model(args)
+    try:
+        input_ids = model.encode_prompt(args.prompt, chat=not args.no_chat)
+        result = model.generate(input_ids, config, on_text=None if args.json else _print_stream)
+    finally:
+        getattr(model, "shutdown", lambda: None)()
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(f"\n[{result.new_tokens} tokens, {result.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0

@@ -1,0 +1,143 @@
+"""The messages peers exchange over P2P: requests, replies and deliveries, strictly validated and versioned.
+
+Every message is a :class:`~efedllm.common.records.WireRecord`: msgpack metadata beside the tensors
+of an ``ExpertRequest`` / ``ExpertResponse`` (:mod:`efedllm.protocol.codec`). A peer that reads
+another ``WIRE_VERSION`` rejects the message, naming both versions.
+
+Who sends what (:mod:`efedllm.protocol.service` has the handlers):
+
+- client or verifier -> server: :class:`OpenSessionRequest`, :class:`StepRequest`,
+  :class:`CloseSessionRequest`; the server answers each call with a :class:`Reply`.
+- server -> next server: the :class:`StepRequest` for the next :class:`Hop`.
+- last server -> requester: a :class:`DeliveredStep` (:mod:`efedllm.protocol.delivery`).
+- joining server -> server: :class:`WeightsRequest`; the answer is a :class:`Reply`, a
+  :class:`WeightsHeader`, then the payload (:mod:`efedllm.server.weights`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from efedllm.common.records import Count, Identifier, Items, PeerId, Positive, Text, WireRecord
+from efedllm.common.spans import Span
+
+WIRE_VERSION = 3  # 3: hops and deliveries are mappings, replies are typed (2: lists and an untyped dict)
+MAX_ROUTE_HOPS = 64
+MAX_ERROR_LENGTH = 4096
+WireFormat = Annotated[str, Text(16)]
+ErrorText = Annotated[str, Text(MAX_ERROR_LENGTH)]
+
+
+@dataclass(frozen=True)
+class Hop(WireRecord, kind="hop"):
+    """One server of a chain: which peer runs which blocks under which of its sessions."""
+
+    peer_id: PeerId
+    span: Span
+    session_id: Identifier
+
+
+@dataclass(frozen=True)
+class Delivery(WireRecord, kind="delivery"):
+    """Where the last hop of a chain sends a step's output: the requesting peer and its step id.
+
+    With a delivery, every hop computes and hands its output on, and the last hop sends it to the
+    requester's :class:`~efedllm.protocol.delivery.DeliveryServicer`: the answer does not travel back
+    along the chain. A hop that cannot serve the step, or finds its next hop gone, reports the error
+    there, naming the peer to blame (:mod:`efedllm.server.handler`).
+    """
+
+    peer_id: PeerId
+    step_id: Identifier
+
+
+@dataclass(frozen=True)
+class StepRequest(WireRecord, kind="step request", version=WIRE_VERSION):
+    """Metadata of one inference step; the hidden states travel beside it as a tensor.
+
+    ``position`` is how many tokens the session already holds when the step starts: a server
+    whose cache is longer crops it back first (so a retried step is idempotent), one whose cache
+    is shorter rejects the step as out of order. ``next_hops`` is the rest of the chain that the
+    server forwards its output to; empty means answer the caller. ``deliver_to`` (optional) makes
+    the last hop send the output straight to that peer instead of back along the chain.
+    """
+
+    session_id: Identifier
+    span: Span
+    position: Count
+    wire_format: WireFormat = "float32"
+    next_hops: Annotated[tuple[Hop, ...], Items(maximum=MAX_ROUTE_HOPS, noun="hops")] = ()
+    deliver_to: Delivery | None = None
+
+    def for_next_hop(self) -> "StepRequest":
+        """The request this step's server sends on to ``next_hops[0]``."""
+        following = self.next_hops[0]
+        return StepRequest(following.session_id, following.span, self.position, self.wire_format, self.next_hops[1:],
+                           self.deliver_to)
+
+
+@dataclass(frozen=True)
+class OpenSessionRequest(WireRecord, kind="open-session request", version=WIRE_VERSION):
+    session_id: Identifier
+    span: Span
+    max_length: Positive
+
+
+@dataclass(frozen=True)
+class CloseSessionRequest(WireRecord, kind="close-session request", version=WIRE_VERSION):
+    session_id: Identifier
+
+
+@dataclass(frozen=True)
+class Reply(WireRecord, kind="reply", version=WIRE_VERSION):
+    """A server's answer to a call: ``error`` is None when the call succeeded (its tensors travel beside it).
+
+    ``failed_peer`` names the hop that failed when it is not the one answering (a step forwarded
+    along the chain whose next hop broke).
+    """
+
+    error: ErrorText | None = None
+    failed_peer: PeerId | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def failure(cls, error: str, failed_peer: str | None = None) -> "Reply":
+        """An error reply; the message is cut to ``MAX_ERROR_LENGTH`` characters."""
+        return cls(error[:MAX_ERROR_LENGTH] or "unknown error", failed_peer)
+
+
+@dataclass(frozen=True)
+class DeliveredStep(WireRecord, kind="delivered step", version=WIRE_VERSION):
+    """What a hop delivers to the requester of step ``step_id``: the chain's :class:`Reply`.
+
+    From the last hop, a successful reply with the step's output as tensors beside it; from any hop,
+    a failed one, whose ``failed_peer`` names the hop that could not be reached or answered with an error.
+    """
+
+    step_id: Identifier
+    reply: Reply = Reply()
+
+
+@dataclass(frozen=True)
+class WeightsRequest(WireRecord, kind="weights request", version=WIRE_VERSION):
+    """Ask a server for the packed weights of ``span`` (inside its own span): ``--weights-from``."""
+
+    span: Span
+
+
+@dataclass(frozen=True)
+class WeightsHeader(WireRecord, kind="weights header", version=WIRE_VERSION):
+    """Precedes a weights payload: its size, its dense-equivalent size, and how it was compressed.
+
+    ``compression`` is the sender's :meth:`CompressionConfig.signature` (None: dense weights).
+    """
+
+    span: Span
+    dtype: WireFormat
+    payload_bytes: Positive
+    dense_bytes: Positive
+    compression: dict | None

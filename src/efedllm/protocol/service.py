@@ -1,0 +1,141 @@
+"""The span service: the handlers a server offers, how it registers them, and how peers call them.
+
+:class:`SpanService` is the interface only. hivemind derives the handler names
+(``SpanService.rpc_*``), their protobuf types and the stub from its annotated ``rpc_*`` methods;
+a server registers its implementation (any object with these methods and ``on_pushed_step``,
+:class:`SpanServiceImplementation`) with :func:`serve_span_service`, which also opens the two
+stream handlers:
+
+- ``STEP_STREAM``: request/response ``rpc_step`` calls on an open stream (relayed steps, answers
+  along the chain, verifiers' probes);
+- ``STEP_PUSH``: one-way chained steps with a delivery (what clients send); their outcome reaches
+  the requester by delivery (:mod:`efedllm.protocol.delivery`), never as an answer.
+
+Clients and verifiers call a server through :class:`RemoteSpanStub`; a failed call raises
+:class:`HopFailure` naming the peer to blame. Call order for a session: ``open_session`` on every
+hop, ``step`` or ``push_step`` many times, ``close_session``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Callable, Protocol  # hivemind recognises streaming handlers by typing's alias only
+
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+
+from efedllm.common.errors import EfedllmError, RecordError
+from efedllm.protocol import codec
+from efedllm.protocol.channel import ChannelPool, serve_requests, stop_serving
+from efedllm.protocol.messages import CloseSessionRequest, OpenSessionRequest, Reply, StepRequest
+
+STEP_STREAM = "SpanService.rpc_step.stream"
+STEP_PUSH = "SpanService.rpc_step.push"
+
+
+class HopFailure(EfedllmError):
+    """A server of a chain failed a call; ``peer_id`` is the peer to blame (None: unknown, e.g. a timeout)."""
+
+    def __init__(self, peer_id: str | None, message: str) -> None:
+        self.peer_id = peer_id
+        super().__init__(message)
+
+
+class SpanService(ServicerBase):
+    """The interface of a span server (see the module docstring); every method is implemented by the server."""
+
+    async def rpc_open_session(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """An :class:`OpenSessionRequest`; answers a :class:`Reply`."""
+        raise NotImplementedError
+
+    async def rpc_close_session(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A :class:`CloseSessionRequest`; answers a :class:`Reply`."""
+        raise NotImplementedError
+
+    async def rpc_step(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A :class:`StepRequest` and its hidden states; answers a :class:`Reply` and the output hidden states."""
+        raise NotImplementedError
+
+    async def rpc_span_weights(self, request: runtime_pb2.ExpertRequest,
+                               context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A :class:`WeightsRequest`; answers a :class:`Reply`, a :class:`WeightsHeader`, then payload chunks."""
+        raise NotImplementedError
+        yield  # an async generator, as hivemind expects of a streaming handler
+
+
+class SpanServiceImplementation(Protocol):
+    """What a server gives :func:`serve_span_service`: :class:`SpanService`'s methods plus ``on_pushed_step``."""
+
+    async def rpc_open_session(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse: ...
+
+    async def rpc_close_session(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse: ...
+
+    async def rpc_step(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse: ...
+
+    def rpc_span_weights(self, request: runtime_pb2.ExpertRequest,
+                         context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]: ...
+
+    async def on_pushed_step(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> None: ...
+
+
+async def serve_span_service(p2p: P2P, implementation: SpanServiceImplementation) -> None:
+    """Registers ``implementation`` as this peer's span service: the unary handlers and both step streams."""
+    await SpanService().add_p2p_handlers(p2p, wrapper=implementation)
+    await serve_requests(p2p, STEP_STREAM, implementation.rpc_step)
+    await serve_requests(p2p, STEP_PUSH, implementation.on_pushed_step, one_way=True)
+
+
+async def stop_span_service(p2p: P2P) -> None:
+    await stop_serving(p2p, STEP_PUSH)
+    await stop_serving(p2p, STEP_STREAM)
+    await SpanService().remove_p2p_handlers(p2p)
+
+
+def span_service_stub(p2p: P2P, peer_id: str):
+    """hivemind's stub of ``peer_id``'s span service (``await stub.rpc_*(request)``), for raw calls."""
+    return SpanService.get_stub(p2p, PeerID.from_base58(peer_id))
+
+
+class RemoteSpanStub:
+    """Typed calls to one server's span service.
+
+    With ``steps`` (a pool of open streams to ``STEP_STREAM``) ``step`` travels on an open stream,
+    otherwise as a unary call; ``push_step`` sends a delivered step one way on ``pushes`` (streams
+    to ``STEP_PUSH``). Every failure, of the transport or reported by the server, raises HopFailure.
+    """
+
+    def __init__(self, p2p: P2P, peer_id: str, steps: ChannelPool | None = None, pushes: ChannelPool | None = None) -> None:
+        self.peer_id, self.steps, self.pushes = peer_id, steps, pushes
+        self.stub = span_service_stub(p2p, peer_id)
+
+    async def open_session(self, request: OpenSessionRequest, timeout: float = 30.0) -> None:
+        await self._call("rpc_open_session", codec.request(request), timeout)
+
+    async def close_session(self, session_id: str, timeout: float = 5.0) -> None:
+        await self._call("rpc_close_session", codec.request(CloseSessionRequest(session_id)), timeout)
+
+    async def step(self, step: StepRequest, tensors, timeout: float = 30.0) -> list:
+        """The step's answer (the output tensors of the chain from this hop on, unless it delivers them)."""
+        return list((await self._call("rpc_step", codec.request(step, tensors), timeout)).tensors)
+
+    async def push_step(self, step: StepRequest, tensors, on_lost: Callable[[str], None], timeout: float) -> None:
+        """Sends a delivered step without waiting for any answer; ``on_lost(reason)`` if the stream breaks first."""
+        try:
+            await self.pushes.send(self.peer_id, codec.request(step, tensors), on_lost, step.session_id, timeout)
+        except Exception as error:
+            raise HopFailure(self.peer_id, f"sending a step to {self.peer_id} failed: {error!r}") from None
+
+    async def _call(self, method: str, request: runtime_pb2.ExpertRequest, timeout: float) -> runtime_pb2.ExpertResponse:
+        try:
+            if method == "rpc_step" and self.steps is not None:
+                answer = await self.steps.call(self.peer_id, request, timeout)
+            else:
+                answer = await asyncio.wait_for(getattr(self.stub, method)(request), timeout)
+            reply = codec.read_message(Reply, answer)
+        except RecordError as error:
+            raise HopFailure(self.peer_id, f"bad answer from {self.peer_id} to {method}: {error}") from None
+        except Exception as error:
+            raise HopFailure(self.peer_id, f"{method} on {self.peer_id} failed: {error!r}") from None
+        if not reply.ok:
+            raise HopFailure(reply.failed_peer or self.peer_id, reply.error)
+        return answer

@@ -1,0 +1,70 @@
+"""The CLI as a newcomer meets it: arguments are checked before any I/O and bad ones are named in one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from efedllm.cli import build_parser, main
+
+PEER = "QmXfptdHU6hqG95JswxYVUH4bphcK8y18mhFcgUQFe6fCN"
+ADDR = f"/ip4/127.0.0.1/tcp/4000/p2p/{PEER}"
+OTHER = f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER}"
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    """Runs ``efedllm argv``; it must fail with exit code 2 and exactly one line on stderr, which is returned."""
+    with pytest.raises(SystemExit) as raised:
+        exit_code = main(argv)
+        raise SystemExit(exit_code)
+    captured = capsys.readouterr()
+    assert raised.value.code == 2, captured
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"efedllm {argv[0]}"), captured.err
+    return lines[0]
+
+
+def test_initial_peers_and_verifier_keys_do_not_swallow_the_prompt():
+    args = build_parser("generate").parse_args(["generate", "--initial-peers", ADDR, "Hello"])
+    assert args.prompt == "Hello" and args.initial_peers == [ADDR]
+    args = build_parser("generate").parse_args(["generate", "--trusted-verifiers", "ab12", "Hello"])
+    assert args.prompt == "Hello" and args.trusted_verifiers == ["ab12"]
+    args = build_parser("generate").parse_args(["generate", "--trusted-verifiers", "ab,cd", "--trusted-verifiers", "ef", "Hi"])
+    assert args.prompt == "Hi" and args.trusted_verifiers == ["ab", "cd", "ef"]
+    args = build_parser("generate").parse_args(["generate", "Hello", "--initial-peers", f"{ADDR},{OTHER}", "--initial-peers", ADDR])
+    assert args.prompt == "Hello" and args.initial_peers == [ADDR, OTHER, ADDR]
+
+
+@pytest.mark.parametrize("command", [["generate", "Hello"], ["serve", "--blocks", "0:10"], ["verify"]])
+@pytest.mark.parametrize("address", ["ADDR", "/ip4/127.0.0.1/tcp/4000", "/ip4/1.2.3/tcp/1/p2p/" + PEER,
+                                     "/ip4/127.0.0.1/tcp/4000/p2p/not-a-peer-id"])
+def test_a_malformed_multiaddr_is_named_before_anything_starts(command, address, capsys):
+    line = one_line_error([*command, "--initial-peers", address], capsys)
+    assert "--initial-peers" in line and repr(address) in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--blocks", "0:10", "--fault", "bogus"], "unknown mode 'bogus'"),
+    (["serve", "--blocks", "0:99"], "exceeds the model's 30 blocks"),
+    (["serve", "--blocks", "10-20"], "must look like START:END"),
+    (["serve", "--num-blocks", "0"], "positive integer"),
+    (["serve", "--blocks", "0:10", "--host", "localhost"], "IPv4 address"),
+    (["serve", "--blocks", "0:10", "--port", "70000"], "0..65535"),
+    (["serve", "--blocks", "0:10", "--weights-from", "nobody"], "peer id"),
+    (["serve", "--blocks", "0:10", "--trusted-verifiers", "a1", "--verifier-quorum", "2"], "exceeds the 1 trusted"),
+    (["serve", "--blocks", "0:10", "--trusted-verifiers", "KEY"], "is not a verifier key"),
+    (["serve", "--blocks", "0:10", "--verifier-quorum", "most"], "quorum must be one of"),
+    (["serve", "--blocks", "0:10", "--svd-ratio", "1.5"], "ratio must be in (0, 1]"),
+    (["serve", "--model", "no-such-model", "--blocks", "0:10"], "no-such-model"),
+    (["generate", "Hello"], "give --initial-peers of a swarm, or --local"),
+    (["generate", "Hello", "--max-new-tokens", "0"], "positive integer"),
+    (["generate", "Hello", "--local", "--temperature", "0"], "temperature must be > 0"),
+    (["generate", "Hello", "--local", "--spans", "0:10,10:20"], "must cover blocks 0:30"),
+    (["generate", "Hello", "--initial-peers", ADDR, "--verify-fraction", "2"], "verify_fraction"),
+    (["generate", "Hello", "--initial-peers", ADDR, "--spans", "0:30"], "go with --local"),
+    (["verify", "--initial-peers", ADDR, "--theta", "2"], "theta"),
+    (["eval-ppl", "--text", "/no/such/file"], "no text"),
+    (["demo", "--servers", "31"], "exceeds the model's 30 blocks"),
+    (["ledger", "--epochs", "-1"], "positive integer"),
+])
+def test_bad_arguments_are_named_in_one_line(argv, message, capsys):
+    assert message in one_line_error(argv, capsys)
