@@ -1,5 +1,5 @@
 """One hop between two processes on 127.0.0.1: a hivemind unary call vs a request on an open stream
-(``efedllm.channel``), carrying one token's float32 hidden state (576 floats) and step-sized metadata.
+(``efedllm.protocol.channel``), carrying one token's float32 hidden state (576 floats) and step-sized metadata.
 Prints one JSON line: median one-way latency (request sent -> handler entered, both clocks are this
 machine's monotonic clock) and round trip, in ms, for each idle gap between messages. A chain's
 servers sit idle ~40-60 ms between decode steps; the 5 ms gap shows the same peers kept busy.

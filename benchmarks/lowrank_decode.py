@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from efedllm.compression.apply import CompressionConfig, compress_layers  # noqa: E402
-from efedllm.models import load_span  # noqa: E402
+from efedllm.models.span import load_span  # noqa: E402
 
 CONTEXT, STEPS, WARM_UP = 128, 40, 5
 

@@ -35,7 +35,7 @@ from efedllm.compression.apply import CompressionConfig, compress_layers, whiten
 from efedllm.compression.calibration import calibration_token_ids, projection_sensitivities, span_layer_runner
 from efedllm.compression.perplexity import default_text_path, read_text, tokenize, windowed_perplexity
 from efedllm.compression.transfer import pack_layers, transfer_size
-from efedllm.models import load_client_parts, load_span
+from efedllm.models.span import load_client_parts, load_span
 from efedllm.common.spans import Span
 
 MODEL = "smollm2-135m"

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from efedllm.models import load_client_parts, load_span  # noqa: E402
+from efedllm.models.span import load_client_parts, load_span  # noqa: E402
 from efedllm.models.sources import resolve_model  # noqa: E402
 
 MODEL = "smollm2-135m"

@@ -7,7 +7,7 @@ import pytest
 from efedllm.client.local import LocalModelForCausalLM
 from efedllm.client.remote import DistributedModelForCausalLM
 from efedllm.common.spans import parse_spans
-from efedllm.models import load_span
+from efedllm.models.span import load_span
 from efedllm.server.swarm import LocalSwarm
 
 

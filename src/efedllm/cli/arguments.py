@@ -18,8 +18,6 @@ from efedllm.common.peers import parse_peer_id
 from efedllm.compression.apply import CompressionConfig
 from efedllm.compression.perplexity import default_text_path
 from efedllm.dht.quorum import QuorumRule
-from efedllm.models.sources import resolve_model
-from efedllm.models.weights import load_config
 
 
 def peer_multiaddrs(text: str) -> list[str]:
@@ -74,11 +72,6 @@ def add_trusted_verifiers(parser: argparse.ArgumentParser, what: str) -> None:
                         help=f"a verifier key (hex, as `efedllm verify` prints) whose verdicts {what} "
                              "(repeat, or join with commas, for more)")
     parser.add_argument("--verifier-quorum", type=quorum, default="majority", help="any, majority, all or a number")
-
-
-def model_blocks(model: str) -> int:
-    """How many blocks ``model`` has; resolving it is the check that it exists (only local files are read)."""
-    return load_config(resolve_model(model)).num_hidden_layers
 
 
 def add_compression_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,12 +7,13 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from efedllm.cli.arguments import add_compression_arguments, add_model, compression_config_from_args, model_blocks
+from efedllm.cli.arguments import add_compression_arguments, add_model, compression_config_from_args
 from efedllm.cli.parser import positive_int
 from efedllm.compression.apply import CompressionConfig, CompressionReport
 from efedllm.compression.calibration import compress_span
 from efedllm.compression.perplexity import PerplexityResult, default_text_path, read_text, tokenize, windowed_perplexity
 from efedllm.models.span import load_client_parts, load_span
+from efedllm.models.weights import model_blocks
 
 
 def register(subparsers) -> None:

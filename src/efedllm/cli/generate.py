@@ -9,11 +9,12 @@ import sys
 from efedllm.cli import arguments
 from efedllm.cli.parser import positive_int
 from efedllm.client.config import RemoteClientConfig
-from efedllm.client.local import LocalModelForCausalLM
+from efedllm.client.local import LocalModelForCausalLM, check_covering
 from efedllm.client.remote import DistributedModelForCausalLM
 from efedllm.client.sampling import GenerationConfig
 from efedllm.common.spans import parse_spans
 from efedllm.compression.calibration import compress_span
+from efedllm.models.weights import model_blocks
 from efedllm.protocol.codec import WIRE_FORMATS
 
 
@@ -69,7 +70,7 @@ def _print_stream(text: str) -> None:
 
 def _load_model(args: argparse.Namespace):
     """The local pipeline or the distributed client; every argument is checked before either loads."""
-    blocks = arguments.model_blocks(args.model)
+    blocks = model_blocks(args.model)
     if not args.local:
         if args.spans or args.svd_ratio is not None or args.svd_energy is not None:
             raise ValueError("--spans and --svd-* go with --local (a swarm's servers compress their own spans)")
@@ -77,8 +78,8 @@ def _load_model(args: argparse.Namespace):
             raise ValueError("give --initial-peers of a swarm, or --local to run every block here")
         return DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers, remote_config(args))
     spans = parse_spans(args.spans) if args.spans else None
-    if spans is not None and (spans[0].start != 0 or spans[-1].end != blocks):
-        raise ValueError(f"--spans {args.spans} must cover blocks 0:{blocks}")
+    if spans is not None:
+        check_covering(spans, blocks)
     compression = arguments.compression_config_from_args(args)
     transform = None if compression is None else (lambda span: compress_span(span, args.model, compression))
     return LocalModelForCausalLM.load(args.model, spans, args.dtype, transform=transform)

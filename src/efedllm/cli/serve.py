@@ -12,6 +12,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 
 from efedllm.cli import arguments
 from efedllm.cli.parser import ipv4_host, port, positive_int, span
+from efedllm.models.weights import model_blocks
 from efedllm.protocol.codec import WIRE_FORMATS
 from efedllm.server.config import ServerConfig
 from efedllm.server.server import Server
@@ -53,7 +54,7 @@ def register(subparsers) -> None:
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     """The ServerConfig the arguments ask for; raises ValueError naming what is wrong (nothing is started)."""
-    blocks = arguments.model_blocks(args.model)
+    blocks = model_blocks(args.model)
     if args.blocks is not None and args.blocks.end > blocks:
         raise ValueError(f"--blocks {args.blocks} exceeds the model's {blocks} blocks")
     if args.num_blocks is not None and args.num_blocks > blocks:

@@ -11,11 +11,12 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from efedllm.cli.arguments import add_model, model_blocks
+from efedllm.cli.arguments import add_model
 from efedllm.cli.parser import positive_int
 from efedllm.client.remote import DistributedModelForCausalLM
 from efedllm.client.sampling import GenerationConfig
 from efedllm.dht.records import ServerInfo
+from efedllm.models.weights import model_blocks
 from efedllm.server.swarm import LocalSwarm, even_spans
 
 

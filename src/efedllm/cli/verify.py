@@ -6,8 +6,9 @@ import argparse
 import json
 import signal
 
-from efedllm.cli.arguments import add_initial_peers, add_model, model_blocks
+from efedllm.cli.arguments import add_initial_peers, add_model
 from efedllm.cli.parser import ipv4_host, port, positive_int
+from efedllm.models.weights import model_blocks
 from efedllm.verifier.config import DEFAULT_PROBE_DECODE_STEPS, VerifierConfig
 from efedllm.verifier.ledger import default_ledger_path
 from efedllm.verifier.node import Verifier, VerifierNodeConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from efedllm.common.dtypes import DTYPE_NAMES
+from efedllm.common.dtypes import parse_dtype
 from efedllm.dht.quorum import check_trusted_verifiers
 from efedllm.protocol.codec import check_wire_format
 
@@ -46,8 +46,7 @@ class RemoteClientConfig:
     def __post_init__(self) -> None:
         if self.wire_format is not None:
             check_wire_format(self.wire_format)
-        if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype {self.dtype!r} must be one of {list(DTYPE_NAMES)}")
+        parse_dtype(self.dtype)
         object.__setattr__(self, "trusted_verifier_keys", check_trusted_verifiers(self.trusted_verifier_keys,
                                                                                   self.verifier_quorum))
         if not 0.0 <= self.verify_fraction <= 1.0:

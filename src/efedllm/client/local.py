@@ -26,15 +26,18 @@ class LocalInferenceSession:
         return hidden_states
 
 
+def check_covering(spans: list[Span], blocks: int) -> None:
+    """ValueError unless ``spans`` are consecutive and cover blocks ``0..blocks-1`` (pure)."""
+    starts, ends = [span.start for span in spans], [span.end for span in spans]
+    if not spans or starts[0] != 0 or ends[-1] != blocks or starts[1:] != ends[:-1]:
+        raise ValueError(f"spans {[str(span) for span in spans]} do not cover blocks 0:{blocks} consecutively")
+
+
 class LocalModelForCausalLM(CausalLMClient):
     """Client parts plus a list of consecutive spans that together cover every block."""
 
     def __init__(self, parts: ClientParts, spans: list[SpanModel]) -> None:
-        blocks = parts.config.num_hidden_layers
-        starts = [span.span.start for span in spans]
-        ends = [span.span.end for span in spans]
-        if not spans or starts[0] != 0 or ends[-1] != blocks or starts[1:] != ends[:-1]:
-            raise ValueError(f"spans {[str(s.span) for s in spans]} do not cover blocks 0:{blocks} consecutively")
+        check_covering([span.span for span in spans], parts.config.num_hidden_layers)
         self.parts, self.spans = parts, spans
         self.span_sessions = [SpanSessions(span) for span in spans]
 
@@ -43,6 +46,7 @@ class LocalModelForCausalLM(CausalLMClient):
         """Load client parts and each span; ``transform(span_model)`` may rewrite a span (e.g. compression)."""
         parts = load_client_parts(model, dtype)
         spans = spans or [Span(0, parts.config.num_hidden_layers)]
+        check_covering(spans, parts.config.num_hidden_layers)  # before any span is loaded
         span_models = [load_span(model, span.start, span.end, dtype) for span in spans]
         if transform is not None:
             for span_model in span_models:

@@ -34,7 +34,7 @@ def rtt_estimates(measured: dict[str, float], peer_ids, default_rtt: float = DEF
     return {peer_id: measured.get(peer_id, fallback) for peer_id in peer_ids}
 
 
-class MissingBlocksError(EfedllmError, LookupError):
+class MissingBlocksError(EfedllmError, RuntimeError):
     """No chain of usable servers covers every block."""
 
     def __init__(self, missing: list[int]) -> None:

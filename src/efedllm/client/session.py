@@ -61,6 +61,7 @@ class RemoteInferenceSession:
         self.history: list[torch.Tensor] = []  # inputs of block 0, [1, tokens, hidden] each
         self.route: list[RouteHop] = []
         self.session_ids: list[str] = []
+        self.hops: list[Hop] = []  # the route's hops with their session ids, as steps name them
         self.failovers = 0
         self._relay_next_step = False  # after a failure no hop could be blamed for: find the culprit
 
@@ -72,6 +73,7 @@ class RemoteInferenceSession:
         """Open a session on every hop of ``route``; ``close()`` closes them, also after a failure here."""
         self.route = route
         self.session_ids = [uuid.uuid4().hex for _ in self.route]
+        self.hops = [Hop(hop.peer_id, hop.blocks, session_id) for hop, session_id in zip(self.route, self.session_ids)]
         await asyncio.gather(*(self._open_hop(hop, session_id) for hop, session_id in zip(self.route, self.session_ids)))
 
     async def _open_hop(self, hop: RouteHop, session_id: str) -> None:
@@ -132,8 +134,7 @@ class RemoteInferenceSession:
 
     async def forward(self, hidden_states: torch.Tensor, position: int, relay: bool = False) -> torch.Tensor:
         """``hidden_states`` [1, tokens, hidden] at ``position`` through the chain once (no failover); the outputs."""
-        wire_format = self.host.wire_format
-        hops = [Hop(hop.peer_id, hop.blocks, session_id) for hop, session_id in zip(self.route, self.session_ids)]
+        wire_format, hops = self.host.wire_format, self.hops
         if relay or self.host.config.relay or self._relay_next_step:
             self._relay_next_step = False
             for hop in hops:

@@ -1,2 +1,3 @@
-"""What every layer shares and no peer negotiates: the error base, strict record validation, block
-spans, supported dtypes and a background event loop. Nothing here imports another efedllm package."""
+"""What every layer shares and no peer negotiates: the error base (``errors``), the strict record codec
+(``records``), block spans (``spans``), supported dtypes (``dtypes``), peer-id checks (``peers``) and a
+background event loop (``background``). Nothing here imports another efedllm package."""

@@ -11,8 +11,9 @@ or a value of the wrong type or range raises :class:`~efedllm.common.errors.Reco
 field (``step request.position must be >= 0, got -1``).
 
 A record's ``kind`` names it in errors. Its ``version`` is written as its ``version`` field, and a
-reader rejects any other version rather than misread it; parts nested in other records (a hop, a
-span) have none and travel without one.
+reader rejects any other version rather than misread it; parts that exist only inside other records
+(a hop, a span) have none and travel without one (a versioned record nested in another, such as a
+delivered step's reply, keeps its own).
 """
 
 from __future__ import annotations

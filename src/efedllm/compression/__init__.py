@@ -11,5 +11,5 @@ Modules (importing this package is cheap: nothing is imported here):
 - ``apply``: ``CompressionConfig`` and ``compress_layers`` (in place, with a report).
 - ``calibration``: calibration windows from text, layer runners, ``compress_span`` for a server.
 - ``transfer``: a span's weights packed as factors or dense, with byte counts (§4.2).
-- ``perplexity`` / ``cli``: windowed perplexity and ``efedllm eval-ppl``.
+- ``perplexity``: windowed perplexity (``efedllm eval-ppl``, in :mod:`efedllm.cli.eval_ppl`).
 """

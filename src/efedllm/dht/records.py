@@ -15,7 +15,7 @@ from typing import Annotated
 from efedllm.common.records import Count, Items, Key, NonNegative, Number, PeerId, Positive, Text, WireRecord, require
 from efedllm.common.spans import Span
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: servers speak WIRE_VERSION 3; a peer of version 1 drops these records instead of calling in vain
 MAX_SUSPECTS = 64
 Name = Annotated[str, Text(256)]
 Short = Annotated[str, Text(32)]

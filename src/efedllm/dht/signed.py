@@ -69,7 +69,7 @@ def split_subkey(subkey: Any) -> tuple[bytes, str]:
     return subkey[:start], owner.hex()
 
 
-def signed_entries(found: Any) -> list[SignedEntry]:
+def signed_entries(found: Any, what: str = "DHT entry") -> list[SignedEntry]:
     """The entries of a DHT lookup result (``ValueWithExpiration`` of a dictionary, or None) with a signed subkey."""
     if found is None or not isinstance(found.value, dict):
         return []
@@ -78,14 +78,14 @@ def signed_entries(found: Any) -> list[SignedEntry]:
         try:
             entries.append(SignedEntry.read(subkey, item.value, item.expiration_time))
         except RecordError as error:
-            logger.warning("ignoring a DHT entry: %s", error)
+            logger.warning("ignoring a %s: %s", what, error)
     return entries
 
 
 def read_signed(found: Any, parse: Callable[[SignedEntry], Record], what: str) -> list[Record]:
     """``parse(entry)`` of every signed entry in ``found``; entries it rejects (RecordError and the like) are dropped."""
     records = []
-    for entry in signed_entries(found):
+    for entry in signed_entries(found, what):
         try:
             records.append(parse(entry))
         except (RecordError, TypeError, ValueError) as error:

@@ -7,13 +7,7 @@ comparing hidden states.
 - ``span``: a span of blocks loaded alone, and the client's own parts (embeddings, head).
 - ``sessions``: per-session KV caches on a span, with validated steps.
 - ``comparison``: whether two computations of the same hidden states agree (spot checks, probes).
+
+Import the submodules themselves (``from efedllm.models.span import load_span``): this package
+imports nothing, so resolving a model name does not load torch or transformers.
 """
-
-from __future__ import annotations
-
-from efedllm.models.sessions import SpanInputError, SpanSessions, UnknownSessionError
-from efedllm.models.sources import ModelNotFoundError, ModelSource, resolve_model
-from efedllm.models.span import ClientParts, SpanModel, load_client_parts, load_span
-
-__all__ = ["load_span", "load_client_parts", "resolve_model", "ModelSource", "ModelNotFoundError", "SpanModel",
-           "ClientParts", "SpanSessions", "SpanInputError", "UnknownSessionError"]

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from efedllm.models.families import family_for
 from efedllm.models.family import ModelFamily
-from efedllm.models.sources import ModelSource, SourceKind, cache_directory
+from efedllm.models.sources import ModelSource, SourceKind, cache_directory, resolve_model
 
 
 def _cached(source: ModelSource, what: str) -> Path:
@@ -76,6 +76,11 @@ def load_config(source: ModelSource):
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # weights are dequantised on load; nothing stays quantised
     return config
+
+
+def model_blocks(model: str) -> int:
+    """How many transformer blocks ``model`` (an alias, a GGUF file or an HF directory) has; reads only its config."""
+    return load_config(resolve_model(model)).num_hidden_layers
 
 
 def load_tokenizer(source: ModelSource):

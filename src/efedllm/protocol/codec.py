@@ -98,8 +98,11 @@ def response(message: WireRecord, tensors=()) -> runtime_pb2.ExpertResponse:
     return runtime_pb2.ExpertResponse(tensors=list(tensors), metadata=pack_metadata(message.to_wire()))
 
 
+_OK_METADATA = pack_metadata(Reply().to_wire())  # the same on every successful step: packed once
+
+
 def ok_reply(tensors=()) -> runtime_pb2.ExpertResponse:
-    return response(Reply(), tensors)
+    return runtime_pb2.ExpertResponse(tensors=list(tensors), metadata=_OK_METADATA)
 
 
 def error_reply(message: str, failed_peer: str | None = None) -> runtime_pb2.ExpertResponse:

@@ -78,22 +78,26 @@ class DeliveryServicer(ServicerBase):
             return await self._awaited[step_id].future
 
     async def rpc_deliver(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        error = await self._accept(request, context)
+        return codec.ok_reply() if error is None else codec.error_reply(error)
+
+    async def _on_pushed_delivery(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> None:
+        error = await self._accept(request, context)
+        if error is not None:  # e.g. a late report for a step already answered: nobody to tell
+            logger.debug("dropped a delivery from %s: %s", context.remote_id, error)
+
+    async def _accept(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> str | None:
+        """Hands a valid delivery to the waiting step; returns why it was refused, or None."""
         try:
             delivered = codec.read_message(DeliveredStep, request)
             self._check_sender(delivered, context.remote_id.to_base58())
         except RecordError as error:
-            return codec.error_reply(str(error))
+            return str(error)
         future = self._awaited[delivered.step_id].future
         if not future.done():
             future.set_result((delivered, list(request.tensors)))
             await asyncio.sleep(0)  # the waiting step goes on (the client's next token) before this handler answers or reads on
-        return codec.ok_reply()
-
-    async def _on_pushed_delivery(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> None:
-        answer = await self.rpc_deliver(request, context)
-        reply = codec.read_message(Reply, answer)
-        if not reply.ok:  # e.g. a late report for a step already answered: nobody to tell
-            logger.debug("dropped a delivery from %s: %s", context.remote_id, reply.error)
+        return None
 
     def _check_sender(self, delivered: DeliveredStep, sender: str) -> None:
         awaited = self._awaited.get(delivered.step_id)

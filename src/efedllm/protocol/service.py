@@ -2,9 +2,8 @@
 
 :class:`SpanService` is the interface only. hivemind derives the handler names
 (``SpanService.rpc_*``), their protobuf types and the stub from its annotated ``rpc_*`` methods;
-a server registers its implementation (any object with these methods and ``on_pushed_step``,
-:class:`SpanServiceImplementation`) with :func:`serve_span_service`, which also opens the two
-stream handlers:
+a server registers its implementation (any object with these methods and ``on_pushed_step``)
+with :func:`serve_span_service`, which also opens the two stream handlers:
 
 - ``STEP_STREAM``: request/response ``rpc_step`` calls on an open stream (relayed steps, answers
   along the chain, verifiers' probes);
@@ -19,7 +18,7 @@ hop, ``step`` or ``push_step`` many times, ``close_session``.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable, Protocol  # hivemind recognises streaming handlers by typing's alias only
+from typing import AsyncIterator, Callable  # hivemind recognises streaming handlers by typing's alias only
 
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
@@ -33,7 +32,7 @@ STEP_STREAM = "SpanService.rpc_step.stream"
 STEP_PUSH = "SpanService.rpc_step.push"
 
 
-class HopFailure(EfedllmError):
+class HopFailure(EfedllmError, RuntimeError):
     """A server of a chain failed a call; ``peer_id`` is the peer to blame (None: unknown, e.g. a timeout)."""
 
     def __init__(self, peer_id: str | None, message: str) -> None:
@@ -63,23 +62,11 @@ class SpanService(ServicerBase):
         yield  # an async generator, as hivemind expects of a streaming handler
 
 
-class SpanServiceImplementation(Protocol):
-    """What a server gives :func:`serve_span_service`: :class:`SpanService`'s methods plus ``on_pushed_step``."""
+async def serve_span_service(p2p: P2P, implementation) -> None:
+    """Registers ``implementation`` as this peer's span service: the unary handlers and both step streams.
 
-    async def rpc_open_session(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse: ...
-
-    async def rpc_close_session(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse: ...
-
-    async def rpc_step(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse: ...
-
-    def rpc_span_weights(self, request: runtime_pb2.ExpertRequest,
-                         context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]: ...
-
-    async def on_pushed_step(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> None: ...
-
-
-async def serve_span_service(p2p: P2P, implementation: SpanServiceImplementation) -> None:
-    """Registers ``implementation`` as this peer's span service: the unary handlers and both step streams."""
+    ``implementation`` has :class:`SpanService`'s ``rpc_*`` methods, with the same signatures, and
+    ``on_pushed_step(request, context)`` for ``STEP_PUSH`` (``efedllm.server.handler.SpanServicer``)."""
     await SpanService().add_p2p_handlers(p2p, wrapper=implementation)
     await serve_requests(p2p, STEP_STREAM, implementation.rpc_step)
     await serve_requests(p2p, STEP_PUSH, implementation.on_pushed_step, one_way=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from efedllm.common.dtypes import DTYPE_NAMES
+from efedllm.common.dtypes import parse_dtype
 from efedllm.common.peers import parse_peer_id
 from efedllm.common.spans import Span
 from efedllm.compression.apply import CompressionConfig
@@ -67,8 +67,7 @@ class ServerConfig:
         unknown = set(self.wire_formats) - set(WIRE_FORMATS)
         if unknown or not self.wire_formats:
             raise ValueError(f"unknown or no wire format(s) {sorted(unknown)}; choose from {list(WIRE_FORMATS)}")
-        if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype {self.dtype!r} must be one of {list(DTYPE_NAMES)}")
+        parse_dtype(self.dtype)
         if self.fault is not None:
             parse_fault(self.fault)  # a bad --fault is reported before anything loads
         if self.weights_from is not None:

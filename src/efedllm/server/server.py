@@ -27,9 +27,8 @@ from efedllm.dht.servers import announce, fetch_servers
 from efedllm.dht.signed import owner_key
 from efedllm.dht.verdicts import deactivated_peers_in_dht
 from efedllm.models.sessions import SpanSessions
-from efedllm.models.sources import resolve_model
 from efedllm.models.span import SpanModel, load_span
-from efedllm.models.weights import load_config
+from efedllm.models.weights import model_blocks
 from efedllm.server.block_selection import block_coverage, choose_move, choose_window
 from efedllm.server.config import ServerConfig
 from efedllm.server.faults import FaultMode, parse_fault
@@ -57,6 +56,7 @@ class Server:
         self.config = config
         self.dht = self.p2p = self.servicer = self.sessions = self.validator = None
         self.peer_id: str | None = None
+        self.maddrs: list[str] = []
         self.span: Span | None = None
         self.throughput = 0.0
         self._stopping: asyncio.Event | None = None
@@ -93,16 +93,17 @@ class Server:
         )
         self.p2p = await self.dht.replicate_p2p()
         self.peer_id = self.p2p.peer_id.to_base58()
+        self.maddrs = [str(maddr) for maddr in self.dht.get_visible_maddrs()]
         span = self.config.blocks or await self._choose_span()
         await self._load(span)
-        for maddr in self.dht.get_visible_maddrs():
+        for maddr in self.maddrs:
             print(f"efedllm server {self.peer_id} serves blocks {self.span} at {maddr}", flush=True)
 
     def _write_ready_file(self) -> None:
         """Tells a launcher (``ready_file``) that this server is online: written whole, then renamed into place."""
         if self.config.ready_file is None:
             return
-        ready = {"peer_id": self.peer_id, "blocks": str(self.span), "maddrs": [str(m) for m in self.dht.get_visible_maddrs()]}
+        ready = {"peer_id": self.peer_id, "blocks": str(self.span), "maddrs": self.maddrs}
         staging = self.config.ready_file.with_name(f".{self.config.ready_file.name}.{os.getpid()}")
         staging.write_text(json.dumps(ready))
         os.replace(staging, self.config.ready_file)
@@ -221,11 +222,8 @@ class Server:
         return announce(self.dht, self.validator, self.info(state), ttl=3 * self.config.announce_interval)
 
     # block selection -----------------------------------------------------------------------
-    def _num_model_blocks(self) -> int:
-        return load_config(resolve_model(self.config.model)).num_hidden_layers
-
     def _swarm_servers(self, excluded: set[str] = frozenset()):
-        total = self._num_model_blocks()
+        total = model_blocks(self.config.model)
         servers = fetch_servers(self.dht, self.config.model, total)
         banned = self.deactivated_peers(servers.keys()) | set(excluded)
         return [info for peer, info in servers.items() if peer not in banned], total

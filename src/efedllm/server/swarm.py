@@ -23,8 +23,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from efedllm.common.spans import Span
 from efedllm.dht.records import ServerInfo, ServerState
 from efedllm.dht.servers import fetch_servers
-from efedllm.models.sources import resolve_model
-from efedllm.models.weights import load_config
+from efedllm.models.weights import model_blocks
 
 
 @dataclass
@@ -120,7 +119,7 @@ class LocalSwarm:
         return server
 
     def server_records(self) -> tuple[dict[str, ServerInfo], int]:
-        total = load_config(resolve_model(self.model)).num_hidden_layers
+        total = model_blocks(self.model)
         return fetch_servers(self.dht, self.model, total), total
 
     def wait_until_online(self, count: int, timeout: float = 180.0) -> dict:

@@ -13,7 +13,7 @@ One round (:meth:`Verifier.run_round`):
 3. probe each server, in random order with random pauses: a fresh session (uuid4 id), a prefill
    of the hidden states at its first block, then the decode steps — exactly what a client sends,
    so a server cannot tell a probe from a client;
-4. compare its outputs with the reference (:func:`~efedllm.verifier.comparison.compare_outputs`),
+4. compare its outputs with the reference (:func:`~efedllm.models.comparison.compare_outputs`),
    update the sliding window behind ``acc_i``, score and decide activation
    (:func:`~efedllm.verifier.trust.decide_trust`), publish one signed verdict per server;
 5. credit the tokens × blocks of passed probes in the ledger and close finished epochs.
@@ -153,7 +153,7 @@ def reference_trace(parts, reference, token_ids: torch.Tensor, decode_steps: int
     return ReferenceTrace(tuple(steps))
 
 
-class ProbeFailure(EfedllmError):
+class ProbeFailure(EfedllmError, RuntimeError):
     """A server did not answer a probe properly (counts as a failed probe)."""
 
 

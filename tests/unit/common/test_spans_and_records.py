@@ -81,8 +81,8 @@ def test_the_codec_follows_the_field_types_and_names_what_is_wrong():
 
 
 def test_every_error_is_an_efedllm_error_and_keeps_its_builtin_base():
-    for error, builtin in [(RecordError, ValueError), (ChannelError, ConnectionError), (HopFailure, Exception),
-                           (MissingBlocksError, LookupError), (SpanInputError, ValueError),
+    for error, builtin in [(RecordError, ValueError), (ChannelError, ConnectionError), (HopFailure, RuntimeError),
+                           (MissingBlocksError, RuntimeError), (SpanInputError, ValueError),
                            (ModelNotFoundError, FileNotFoundError), (TransferError, ValueError),
                            (WeightsTransferError, TransferError), (LedgerError, RuntimeError)]:
         assert issubclass(error, EfedllmError) and issubclass(error, builtin), error

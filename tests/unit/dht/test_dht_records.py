@@ -25,7 +25,7 @@ def info(peer: str = "peerA", key: str | None = None, **changes) -> ServerInfo:
 def test_server_record_round_trip_and_strictness():
     record = info()
     assert ServerInfo.from_wire(record.to_wire()) == record
-    for change, message in [({"version": 2}, "version 2"), ({"state": "weird"}, "state"),
+    for change, message in [({"version": 1}, "version 1, this peer reads version 2"), ({"state": "weird"}, "state"),
                             ({"throughput": float("nan")}, "finite"), ({"extra": 1}, "unknown field"),
                             ({"wire_formats": "float32"}, "must be a list")]:
         with pytest.raises(RecordError, match=message):

@@ -11,7 +11,7 @@ from transformers import GenerationConfig as TransformersGenerationConfig
 from efedllm.client.local import LocalModelForCausalLM
 from efedllm.client.sampling import GenerationConfig
 from efedllm.common.spans import Span, parse_spans
-from efedllm.models import load_span
+from efedllm.models.span import load_span
 
 PROMPTS = [
     ("What is the capital of France?", True),

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from efedllm.common.spans import Span
-from efedllm.models import load_span
 from efedllm.models.sessions import SpanInputError, SpanSessions, UnknownSessionError
 from efedllm.models.sources import ModelNotFoundError, resolve_model
+from efedllm.models.span import load_span
 
 
 @pytest.fixture(scope="module")

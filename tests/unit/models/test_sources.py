@@ -7,8 +7,8 @@ import copy
 import torch
 from safetensors.torch import save_file
 
-from efedllm.models import load_client_parts, load_span
 from efedllm.models.sources import SourceKind, resolve_model
+from efedllm.models.span import load_client_parts, load_span
 from tests.conftest import gguf_path
 
 
