@@ -1,10 +1,12 @@
-"""README's examples, run as written: every ``efedllm ...`` line of its bash blocks, then its Python snippet.
+"""README's examples, run as written: every ``efedllm ...`` line of its bash blocks, and its Python snippet.
 
 Only the placeholders are filled in, from what the commands themselves print: ADDR from ``efedllm
 dht``, KEY from ``efedllm verify``, PEER_ID from the server started last (README's ``--weights-from
 PEER_ID`` follows the compressed server it copies). Commands that run until stopped (``dht``,
 ``serve``, ``verify``, ``swarm up``) are started in the background and the test goes on once they
-print that they are up; at the end each is stopped with SIGTERM and must exit cleanly. The others
+print that they are up; each is stopped with SIGTERM, and must exit cleanly, at the end or before a
+command that starts a swarm of its own (``swarm up``, ``demo``); the Python snippet runs against
+the hand-built swarm just before that. The others
 must exit with 0 and print something. Everything runs on 127.0.0.1, in a temporary folder.
 """
 
@@ -82,6 +84,13 @@ class Background:
         return code
 
 
+def stop_all(running: list[Background]) -> dict[str, int | None]:
+    """Stops every background command, newest first; command -> its exit code."""
+    codes = {shlex.join(process.argv): process.stop() for process in reversed(running)}
+    running.clear()
+    return codes
+
+
 def fill(argv: list[str], values: dict[str, str]) -> list[str]:
     filled = []
     for argument in argv:
@@ -103,31 +112,40 @@ def learn(argv: list[str], line: str, values: dict[str, str]) -> None:
         values["KEY"] = line.split("key: ", 1)[1].strip()
 
 
+def run_python_snippet(values: dict[str, str], cwd: Path) -> bool:
+    """README's Python example against the swarm at ADDR; it must exit with 0 and print the answer."""
+    (snippet,) = readme_blocks("python")
+    done = subprocess.run([sys.executable, "-c", f"ADDR = {values['ADDR']!r}\n{snippet}"], cwd=cwd,
+                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    assert done.returncode == 0 and done.stdout.strip(), (done.stdout[-2000:], done.stderr[-3000:])
+    return True
+
+
 def test_readme_commands_and_python_example_run_as_written(tmp_path):
     commands = readme_commands()
     assert len(commands) >= 15 and any(argv[1] == "dht" for argv in commands)
     values: dict[str, str] = {}
     running: list[Background] = []
+    codes: dict[str, int | None] = {}
+    snippet_ran = False
     try:
         for argv in commands:
             argv = fill(argv, values)
+            if argv[1] in ("demo", "swarm"):  # a swarm of its own: the hand-built one is done with, and stops first
+                snippet_ran = snippet_ran or run_python_snippet(values, tmp_path)
+                codes.update(stop_all(running))
             if argv[1] in UP_MARKERS:
                 started = Background(argv, tmp_path)
                 running.append(started)
                 learn(argv, started.wait_for(UP_MARKERS[argv[1]]), values)
                 if argv[1] == "serve" and "--weights-from" in argv:
                     started.wait_for("received blocks")
-                if argv[1] == "swarm":  # a second swarm of its own: stop it before it competes for the cores
-                    assert running.pop().stop() == 0
                 continue
             done = subprocess.run([EFEDLLM, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
             assert done.returncode == 0 and (done.stdout + done.stderr).strip(), (shlex.join(argv), done.stdout[-2000:],
                                                                               done.stderr[-3000:])
-        (snippet,) = readme_blocks("python")
-        done = subprocess.run([sys.executable, "-c", f"ADDR = {values['ADDR']!r}\n{snippet}"], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
-        assert done.returncode == 0 and done.stdout.strip(), (done.stdout[-2000:], done.stderr[-3000:])
+        assert snippet_ran, "README's Python example needs the hand-built swarm, before `swarm up` or `demo`"
     finally:
-        codes = {shlex.join(process.argv): process.stop() for process in reversed(running)}
-    assert all(code == 0 for code in codes.values()), codes
+        codes.update(stop_all(running))
+    assert codes and all(code == 0 for code in codes.values()), codes
