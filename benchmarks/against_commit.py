@@ -1,16 +1,19 @@
-"""This checkout against an earlier commit, in one run: ``benchmarks/swarm_vs_local.py`` of each, in turn.
+"""This checkout against an earlier commit, in one run: the same 3-server chained swarm of each, generation by
+generation in turn, against the local pipeline measured in the same rounds.
 
-The baseline's tree is exported with ``git archive`` into a temporary folder and run with
-``PYTHONPATH`` pointing at its ``src`` (its servers, started by its own ``LocalSwarm``, inherit it), so
-both use this environment's packages. Rounds alternate baseline, current, baseline, current, ... so
-that the machine's drift hits both alike; each run is the benchmark's own (its best of ``--repeats``
-interleaved rounds against the faster local configuration of the same run). Each tree also generates
-64 greedy tokens locally (``efedllm generate --local --greedy --json``): the token ids must agree.
+The baseline's tree is exported with ``git archive`` into a temporary folder. Each tree runs in a worker
+process of its own (this file with ``--worker``, ``PYTHONPATH`` pointing at that tree's ``src``; its
+servers, started by its own ``LocalSwarm``, inherit it), with everything ``benchmarks/swarm_vs_local.py``
+measures for its chained mode: three servers of 10 blocks at 1 torch thread, a client at 1 thread, 64 greedy
+tokens. Both swarms stay up; each round generates once through each (in alternating order) and once locally
+with 1 and with 2 threads. A round lasts ~20 s, so the machine's drift, which moves whole benchmark runs by
+10-25% here, hits both trees alike; the per-round ratio current / baseline is the figure.
 
-Prints one JSON line: per tree, every round's chained and relayed tokens/s and their ratio to local,
-the median of the chained ratio, and whether every run gave the same tokens as local.
+Prints one JSON line: every round's tokens/s per tree and locally, the medians, the median per-round ratio
+current / baseline, chained / local (local the faster thread count of each round), and whether every
+generation of both trees gave the local pipeline's tokens.
 
-Usage: python benchmarks/against_commit.py [--baseline REV] [--rounds N] [--repeats N] [--step-pairs N]
+Usage: python benchmarks/against_commit.py [--baseline REV] [--rounds N]
 """
 
 from __future__ import annotations
@@ -26,66 +29,120 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "Write a short story about a lighthouse keeper."
-KEYS = ("chained_tokens_per_s", "relayed_tokens_per_s", "local_tokens_per_s", "chained_over_local", "relayed_over_local",
-        "same_tokens_as_local")
+MODEL, TOKENS, PROMPT = "smollm2-135m", 64, "Write a short story about a lighthouse keeper."
 
 
 def export_tree(revision: str, into: Path) -> Path:
     """``git archive revision`` unpacked into ``into``; returns that folder."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", revision], check=True, capture_output=True).stdout
-    archive_path = into / "tree.tar"
-    archive_path.write_bytes(archive)
-    with tarfile.open(archive_path) as tar:
+    (into / "tree.tar").write_bytes(archive)
+    with tarfile.open(into / "tree.tar") as tar:
         tar.extractall(into / "tree", filter="data")
     return into / "tree"
 
 
-def environment(tree: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(tree / "src"), "HF_HUB_OFFLINE": "1"}
+class Worker:
+    """One tree's swarm, client and local pipeline in a process of its own, generating on request."""
+
+    def __init__(self, tree: Path) -> None:
+        environment = {**os.environ, "PYTHONPATH": str(tree / "src"), "HF_HUB_OFFLINE": "1"}
+        self.process = subprocess.Popen([sys.executable, __file__, "--worker"], cwd=tree, env=environment, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.ready = json.loads(self.process.stdout.readline())
+
+    def generate(self, where: str) -> dict:
+        self.process.stdin.write(where + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=120)
 
 
-def run_json(command: list[str], tree: Path) -> dict:
-    done = subprocess.run(command, cwd=tree, env=environment(tree), capture_output=True, text=True, timeout=3600)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} in {tree} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def run_worker() -> None:
+    """Inside one tree: start its swarm, answer "swarm", "local1" or "local2" with one generation's JSON."""
+    # imported here, in the worker, from whichever tree PYTHONPATH names: the driver runs neither tree's code
+    import torch
+
+    from efedllm.client.local import LocalModelForCausalLM
+    from efedllm.client.remote import DistributedModelForCausalLM
+    from efedllm.client.sampling import GenerationConfig
+    from efedllm.server.swarm import LocalSwarm
+
+    config = GenerationConfig(max_new_tokens=TOKENS, greedy=True, stop_on_eos=False)
+    local = LocalModelForCausalLM.load(MODEL)
+    input_ids = local.encode_prompt(PROMPT)
+    with LocalSwarm(MODEL) as swarm:
+        swarm.start_bootstrap()
+        for blocks in ("0:10", "10:20", "20:30"):
+            swarm.start_server(blocks, extra=["--no-rebalance", "--torch-threads", "1"])
+        swarm.wait_until_online(3)
+        client = DistributedModelForCausalLM.from_pretrained(MODEL, swarm.initial_peers)
+        try:
+            models = {"swarm": (client, 1), "local1": (local, 1), "local2": (local, 2)}
+            for model, threads in models.values():
+                torch.set_num_threads(threads)
+                model.generate(input_ids, config)  # warm-up
+            print(json.dumps({"ready": True}), flush=True)
+            for line in sys.stdin:
+                model, threads = models[line.strip()]
+                torch.set_num_threads(threads)
+                result = model.generate(input_ids, config)
+                print(json.dumps({"tokens_per_s": result.tokens_per_s, "token_ids": result.token_ids}), flush=True)
+        finally:
+            client.shutdown()
 
 
-def local_tokens(tree: Path) -> list[int]:
-    command = [sys.executable, "-m", "efedllm.cli", "generate", "--local", "--greedy", "--json", "--max-new-tokens", "64", PROMPT]
-    return run_json(command, tree)["token_ids"]
+def measure(workers: dict[str, Worker], rounds: int) -> dict:
+    names = list(workers)
+    runs = {name: [] for name in names} | {"local": []}
+    tokens = set()
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else reversed(names):
+            result = workers[name].generate("swarm")
+            runs[name].append(result["tokens_per_s"])
+            tokens.add(tuple(result["token_ids"]))
+        local = [workers["current"].generate(where) for where in ("local1", "local2")]
+        runs["local"].append(max(result["tokens_per_s"] for result in local))
+        tokens.update(tuple(result["token_ids"]) for result in local)
+    return {"runs": runs, "same_tokens_everywhere": len(tokens) == 1}
+
+
+def summary(runs: dict[str, list[float]]) -> dict:
+    ratios = [current / baseline for current, baseline in zip(runs["current"], runs["baseline"])]
+    return {
+        "median_tokens_per_s": {name: round(statistics.median(values), 2) for name, values in runs.items()},
+        "median_round_ratio_current_over_baseline": round(statistics.median(ratios), 3),
+        "rounds_current_faster": sum(ratio > 1 for ratio in ratios),
+        "median_chained_over_local": {name: round(statistics.median(value / local for value, local in
+                                                                    zip(runs[name], runs["local"])), 3)
+                                      for name in ("baseline", "current")},
+        "tokens_per_s_by_round": {name: [round(value, 2) for value in values] for name, values in runs.items()},
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--baseline", default="e5ae2ca", help="the commit to compare with (default: main before issue 14)")
-    counts = {"--rounds": (3, "benchmark runs per tree, alternating"), "--repeats": (4, "swarm_vs_local.py --repeats per run"),
-              "--step-pairs": (30, "swarm_vs_local.py --step-pairs per run")}
-    for flag, (default, meaning) in counts.items():
-        parser.add_argument(flag, type=int, default=default, help=meaning)
+    parser.add_argument("--rounds", type=int, default=12, help="rounds of one generation per tree and the local ones")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if min(args.rounds, args.repeats, args.step_pairs) < 1:
-        parser.error("--rounds, --repeats and --step-pairs must be at least 1")
+    if args.worker:
+        return run_worker()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     with tempfile.TemporaryDirectory(prefix="efedllm-baseline-") as folder:
-        trees = {"baseline": export_tree(args.baseline, Path(folder)), "current": ROOT}
-        benchmark = ["--skip-perplexity", "--repeats", str(args.repeats), "--step-pairs", str(args.step_pairs)]
-        runs: dict[str, list[dict]] = {name: [] for name in trees}
-        for _ in range(args.rounds):
-            for name, tree in trees.items():
-                result = run_json([sys.executable, str(tree / "benchmarks" / "swarm_vs_local.py"), *benchmark], tree)
-                runs[name].append({key: result[key] for key in KEYS})
-        tokens = {name: local_tokens(tree) for name, tree in trees.items()}
-    medians = {name: statistics.median(run["chained_over_local"] for run in results) for name, results in runs.items()}
-    print(json.dumps({
-        "benchmark": "against_commit", "baseline": args.baseline, "rounds": args.rounds, "repeats": args.repeats,
-        "runs": runs, "median_chained_over_local": medians,
-        "median_chained_tokens_per_s": {name: statistics.median(run["chained_tokens_per_s"] for run in results)
-                                        for name, results in runs.items()},
-        "current_over_baseline_chained_over_local": round(medians["current"] / medians["baseline"], 3),
-        "same_tokens_as_local_in_every_run": all(run["same_tokens_as_local"] for results in runs.values() for run in results),
-        "same_local_tokens_in_both_trees": tokens["baseline"] == tokens["current"],
-    }))
+        workers = {}
+        try:
+            for name, tree in (("baseline", export_tree(args.baseline, Path(folder))), ("current", ROOT)):
+                workers[name] = Worker(tree)
+            measured = measure(workers, args.rounds)
+        finally:
+            for worker in workers.values():
+                worker.close()
+    print(json.dumps({"benchmark": "against_commit", "baseline": args.baseline, "rounds": args.rounds, "new_tokens": TOKENS,
+                      "same_tokens_everywhere": measured["same_tokens_everywhere"], **summary(measured["runs"])}))
 
 
 if __name__ == "__main__":
