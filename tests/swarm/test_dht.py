@@ -6,11 +6,11 @@ import time
 
 import pytest
 from hivemind.dht import DHT
-from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils import get_dht_time
 
 from efedllm.common.spans import Span
 from efedllm.dht.evidence import fetch_evidence, publish_evidence
+from efedllm.dht.identity import Identity, start_dht
 from efedllm.dht.records import ServerInfo, ServerState, SpotCheckEvidence, TrustVerdict
 from efedllm.dht.servers import announce, block_key, fetch_servers
 from efedllm.dht.signed import owner_key, store_signed
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.swarm
 MODEL = "dht-test-model"
 
 
-def _node(validator: RSASignatureValidator, initial_peers=None) -> DHT:
-    return DHT(initial_peers=initial_peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[validator])
+def _node(identity: Identity, initial_peers=None) -> DHT:
+    return start_dht(identity, initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +29,22 @@ def peers():
     """(bootstrap node, server node and its validator, an attacker node and its validator, a reader node)."""
     nodes = []
     try:
-        bootstrap = _node(RSASignatureValidator(RSAPrivateKey()))
+        bootstrap = _node(Identity.generate())
         nodes.append(bootstrap)
         initial = [str(maddr) for maddr in bootstrap.get_visible_maddrs()]
-        server_key, attacker_key = RSASignatureValidator(RSAPrivateKey()), RSASignatureValidator(RSAPrivateKey())
-        server, attacker = _node(server_key, initial), _node(attacker_key, initial)
-        reader = _node(RSASignatureValidator(RSAPrivateKey()), initial)
+        server_identity, attacker_identity = Identity.generate(), Identity.generate()
+        server, attacker = _node(server_identity, initial), _node(attacker_identity, initial)
+        reader = _node(Identity.generate(), initial)
         nodes += [server, attacker, reader]
-        yield bootstrap, (server, server_key), (attacker, attacker_key), reader
+        yield bootstrap, (server, server_identity.validator), (attacker, attacker_identity.validator), reader
     finally:
         for node in nodes:
             node.shutdown()
 
 
 def _info(dht: DHT, validator, state=ServerState.ONLINE, span=Span(0, 3), peer_id: str | None = None) -> ServerInfo:
-    return ServerInfo(peer_id or dht.peer_id.to_base58(), MODEL, span, state, 10.0, 100, 4, owner_key(validator), "test")
+    return ServerInfo(peer_id or dht.peer_id.to_base58(), MODEL, span, state, 10.0, 100, 4, owner_key(validator), "test",
+                      get_dht_time())
 
 
 def _eventually(read, expected, timeout: float = 10.0):
@@ -83,6 +84,20 @@ def test_records_that_speak_for_another_key_or_peer_are_dropped(peers):
         assert _eventually(lambda: len(reader.get(block_key(MODEL, block), latest=True).value), 2) == 2
     servers = fetch_servers(reader, MODEL, 10)
     assert servers[victim] == honest and attacker.peer_id.to_base58() not in servers  # ... and keeps only the first
+
+
+def test_a_record_in_another_peers_name_signed_by_the_forgers_own_key_is_dropped(peers):
+    """Issue 15's forgery: the record names the victim's id under the victim's id prefix, and names and is
+    signed by the forger's own key, so every check but the peer id's binding to the key passes."""
+    _, (server, key), (attacker, attacker_key), reader = peers
+    honest = _info(server, key, span=Span(8, 10))
+    announce(server, key, honest, ttl=120)
+    forged = _info(server, attacker_key, span=Span(0, 10), peer_id=honest.peer_id)
+    forged = ServerInfo(**{**forged.__dict__, "throughput": 1e-6, "issued_at": get_dht_time() + 5})
+    store_signed(attacker, attacker_key, block_key(MODEL, 8), forged.to_wire(), 600, honest.peer_id.encode()).result(30)
+    assert _eventually(lambda: len(reader.get(block_key(MODEL, 8), latest=True).value), 2) == 2
+    assert fetch_servers(reader, MODEL, 10)[honest.peer_id] == honest
+
 
 
 def test_verdicts_and_evidence_round_trip_and_a_quorum_counts_trusted_keys_only(peers):

@@ -123,8 +123,10 @@ def test_bad_requests_get_errors_and_server_keeps_serving(swarm, remote_model, l
 
 def test_num_blocks_fills_thinnest_span_and_failover_after_sigkill(swarm, local_pipeline):
     """A spare server picks the thinnest window; killing the first hop, then a middle hop, in the
-    middle of a generation changes no token, and each loss is reported at once (one failover each,
-    blaming the dead peer), not found by waiting out the request timeout."""
+    middle of a generation changes no token, and each loss is reported at once (one failover each),
+    not found by waiting out the request timeout. The first hop's loss the client sees itself; the
+    middle hop's is reported by the first hop, which the client does not take on trust: its own
+    attempt to reopen on the dead peer bans it."""
     swarm.start_server(num_blocks=10, extra=["--no-rebalance"])
     records = swarm.wait_until_online(4)
     spans = sorted(info.span for info in records.values())

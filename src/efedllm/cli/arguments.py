@@ -114,3 +114,18 @@ def compression_config_from_args(args: argparse.Namespace) -> CompressionConfig 
         raise ValueError("whitened compression needs calibration text: pass --calibration-text FILE "
                          "(or provide ../shared/data/wikitext2-test.raw)")
     return config
+
+
+def add_identity(parser: argparse.ArgumentParser, who: str) -> None:
+    parser.add_argument("--identity", type=identity_file, default=None, metavar="PATH",
+                        help=f"{who}'s key file (peer id and signing key), created on first start: "
+                             "keeps the same identity across restarts (default: a new one each start)")
+
+
+def identity_file(text: str) -> Path:
+    """A key file path whose folder exists (the file itself is created on first start)."""
+    path = Path(text)
+    if path.is_dir() or not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: not a file path in an existing folder")
+    return path
+

@@ -7,11 +7,9 @@ import signal
 import threading
 from pathlib import Path
 
-from hivemind.dht import DHT
-from hivemind.dht.crypto import RSASignatureValidator
-
 from efedllm.cli import arguments
-from efedllm.cli.parser import ipv4_host, port, positive_int, span
+from efedllm.cli.parser import ipv4_host, port, positive_float, positive_int, span
+from efedllm.dht.identity import Identity, start_dht
 from efedllm.models.weights import model_blocks
 from efedllm.protocol.codec import WIRE_FORMATS
 from efedllm.server.config import ServerConfig
@@ -29,6 +27,11 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=port, default=0)
     arguments.add_dtype(serve)
     serve.add_argument("--max-sessions", type=positive_int, default=16)
+    serve.add_argument("--max-sessions-per-peer", type=positive_int, default=None, metavar="N",
+                       help="sessions one peer may hold (default: half of --max-sessions)")
+    serve.add_argument("--max-batch", type=positive_int, default=16, metavar="ROWS", help="rows per session")
+    serve.add_argument("--cache-budget-mb", type=positive_float, default=None, metavar="MB",
+                       help="KV-cache budget (default: --max-sessions sessions of 2048 tokens at batch 1)")
     serve.add_argument("--wire", nargs="+", default=list(WIRE_FORMATS), choices=list(WIRE_FORMATS),
                        help="wire formats this server accepts")
     serve.add_argument("--fault", default=None, help="inject a fault (verifier tests): noise:SIGMA, zeros, ...")
@@ -43,6 +46,7 @@ def register(subparsers) -> None:
     serve.add_argument("--rebalance-interval", type=float, default=10.0)
     serve.add_argument("--ready-file", type=Path, default=None, metavar="PATH",
                        help="write this server's peer id, span and addresses (JSON) there once it is online")
+    arguments.add_identity(serve, "the server")
     arguments.add_compression_arguments(serve)
     serve.set_defaults(func=run_serve)
 
@@ -68,7 +72,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         rebalance_interval=args.rebalance_interval, compression=arguments.compression_config_from_args(args),
         weights_from=args.weights_from, torch_threads=args.torch_threads,
         trusted_verifier_keys=tuple(args.trusted_verifiers), verifier_quorum=args.verifier_quorum,
-        ready_file=args.ready_file,
+        ready_file=args.ready_file, identity_path=args.identity, cache_budget_mb=args.cache_budget_mb,
+        max_batch=args.max_batch, max_sessions_per_peer=args.max_sessions_per_peer,
     )
 
 
@@ -78,7 +83,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_dht(args: argparse.Namespace) -> int:
-    dht = DHT(start=True, host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"], record_validators=[RSASignatureValidator()])
+    dht = start_dht(Identity.generate(), host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"])
     for maddr in dht.get_visible_maddrs():
         print(f"efedllm dht: --initial-peers {maddr}", flush=True)
     stopped = threading.Event()

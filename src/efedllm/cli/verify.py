@@ -6,7 +6,7 @@ import argparse
 import json
 import signal
 
-from efedllm.cli.arguments import add_initial_peers, add_model
+from efedllm.cli.arguments import add_identity, add_initial_peers, add_model
 from efedllm.cli.parser import ipv4_host, port, positive_int
 from efedllm.models.weights import model_blocks
 from efedllm.verifier.config import DEFAULT_PROBE_DECODE_STEPS, VerifierConfig
@@ -32,6 +32,7 @@ def register(subparsers) -> None:
     parser.add_argument("--epoch-seconds", type=float, default=3600.0)
     parser.add_argument("--reward", type=float, default=100.0, help="reward split per epoch")
     parser.add_argument("--seed", type=int, default=None)
+    add_identity(parser, "the verifier")
     parser.set_defaults(func=run_verify)
 
 
@@ -42,7 +43,7 @@ def build_config(args: argparse.Namespace) -> VerifierNodeConfig:
                                reward_per_epoch=args.reward, ledger_path=args.ledger)
     return VerifierNodeConfig(model=args.model, initial_peers=tuple(args.initial_peers), host=args.host, port=args.port,
                               rounds=args.rounds, decode_steps=args.decode_steps, jitter_s=args.jitter,
-                              seed=args.seed, decisions=decisions)
+                              seed=args.seed, decisions=decisions, identity_path=args.identity)
 
 
 def run_verify(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from efedllm.client.swarm_view import SwarmView
 from efedllm.common.background import BackgroundLoop
 from efedllm.dht.evidence import publish_evidence
 from efedllm.dht.records import SpotCheckEvidence
-from efedllm.dht.signed import owner_key
+from efedllm.dht.identity import Identity, start_dht
 from efedllm.models.span import ClientParts, load_client_parts
 from efedllm.protocol import codec
 from efedllm.protocol.channel import ChannelPool
@@ -69,9 +69,9 @@ class DistributedModelForCausalLM(CausalLMClient):
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         self.parts = load_client_parts(self.model_name, self.config.dtype)
-        self.validator = RSASignatureValidator()
-        self.client_key = owner_key(self.validator)
-        self.dht = DHT(initial_peers=self.initial_peers, start=True, client_mode=True, record_validators=[self.validator])
+        identity = Identity.generate()  # a client is a new peer every start: nothing ties its sessions together
+        self.validator, self.client_key = identity.validator, identity.owner_key
+        self.dht = start_dht(identity, initial_peers=self.initial_peers, client_mode=True)
         self.view = SwarmView(self.dht, self.model_name, self.parts.config.num_hidden_layers, self.config)
         self.spot_checker = SpotChecker(self.config.verify_fraction, self.config.spot_check_seed, self.view,
                                         self.run_chain, self.report_evidence, self.client_key)

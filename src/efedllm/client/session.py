@@ -3,8 +3,12 @@
 A step goes to the first hop with the rest of the chain attached, servers forward it hop to hop
 and the last one delivers the output straight to the client (:mod:`efedllm.protocol.delivery`);
 ``relay=True`` instead sends every hop from the client, as Petals does. When a hop fails, the
-session bans it in the client's :class:`~efedllm.client.swarm_view.SwarmView`, picks a new chain,
-opens sessions there and replays its past inputs, so generation continues with the same tokens.
+session bans it for a while in the client's :class:`~efedllm.client.swarm_view.SwarmView`, picks a
+new chain, opens sessions there and replays its past inputs, so generation continues with the same
+tokens. A failure that one peer reports of another is not taken on trust (either may be lying): no
+one is banned for it, and the next step is relayed hop by hop, where the client sees for itself
+which hop fails. Each hop's session names the previous hop as the one peer besides this client
+that may step it (:mod:`efedllm.server.admission`).
 
 The session uses only the public parts of its :class:`SessionHost` (the distributed model):
 ``config``, ``view``, ``stub(peer)``, ``delivery``, ``peer_id``, ``wire_format``, ``dtype``,
@@ -74,12 +78,17 @@ class RemoteInferenceSession:
         self.route = route
         self.session_ids = [uuid.uuid4().hex for _ in self.route]
         self.hops = [Hop(hop.peer_id, hop.blocks, session_id) for hop, session_id in zip(self.route, self.session_ids)]
-        await asyncio.gather(*(self._open_hop(hop, session_id) for hop, session_id in zip(self.route, self.session_ids)))
+        upstreams = [None] + [hop.peer_id for hop in self.route[:-1]]  # who forwards this client's steps to each hop
+        await asyncio.gather(*(self._open_hop(hop, session_id, upstream)
+                               for hop, session_id, upstream in zip(self.route, self.session_ids, upstreams)))
+        for hop in self.route:
+            self.host.view.served(hop.peer_id)
 
-    async def _open_hop(self, hop: RouteHop, session_id: str) -> None:
+    async def _open_hop(self, hop: RouteHop, session_id: str, upstream: str | None) -> None:
         """Opens the session on one hop; its round trip updates the client's measured RTTs, which routing uses."""
         started = time.perf_counter()
-        await self.host.stub(hop.peer_id).open_session(OpenSessionRequest(session_id, hop.blocks, self.max_length))
+        request = OpenSessionRequest(session_id, hop.blocks, self.max_length, upstream)
+        await self.host.stub(hop.peer_id).open_session(request)
         self.host.view.record_rtt(hop.peer_id, time.perf_counter() - started)
 
     async def close(self) -> None:
@@ -126,7 +135,11 @@ class RemoteInferenceSession:
                 self.host.view.refresh(view_max_age)
                 await self.open(self.host.view.banned)
                 return
-            except (MissingBlocksError, HopFailure):
+            except (MissingBlocksError, HopFailure) as error:
+                if isinstance(error, HopFailure):
+                    await self.close()  # the hops that did open: their sessions would hold cache until they expire
+                    if error.peer_id is not None:
+                        self.host.view.ban(error.peer_id)  # this client's own call to it failed: no one else's word
                 if time.monotonic() > deadline:
                     raise
                 view_max_age = 0.0
@@ -165,8 +178,13 @@ class RemoteInferenceSession:
 
     async def _call_hop(self, hop: Hop, rest: tuple[Hop, ...], hidden_states, position: int, wire_format: str):
         request = StepRequest(hop.session_id, hop.span, position, wire_format, rest)
+        started = time.perf_counter()
         tensors = await self.host.stub(hop.peer_id).step(request, self.host.encode(hidden_states, wire_format),
                                                          self.host.config.request_timeout)
+        if not rest and hidden_states.shape[1] == 1:  # a decode step of this hop alone: what routing should expect of it
+            view = self.host.view
+            view.record_step_time(hop.peer_id, max(0.0, time.perf_counter() - started - view.rtt.get(hop.peer_id, 0.0)),
+                                  hop.span.length)
         return self._decode_answer(tensors, hop.peer_id, wire_format)
 
     def _decode_answer(self, tensors, peer_id: str, wire_format: str) -> torch.Tensor:

@@ -16,6 +16,7 @@ import time
 
 from hivemind.dht import DHT
 
+from efedllm.client.bans import BanList
 from efedllm.client.config import RemoteClientConfig
 from efedllm.client.routing import (
     MissingBlocksError,
@@ -39,8 +40,9 @@ class SwarmView:
     def __init__(self, dht: DHT, model: str, num_blocks: int, config: RemoteClientConfig) -> None:
         self.dht, self.model, self.num_blocks, self.config = dht, model, num_blocks, config
         self.servers: dict[str, ServerInfo] = {}
-        self.banned: set[str] = set()
+        self.bans = BanList()
         self.rtt: dict[str, float] = {}
+        self.step_seconds: dict[str, float] = {}  # peer -> measured seconds per decode step per block
         self._deactivated: set[str] = set()
         self._read_at: float | None = None  # time.monotonic() of the last read
         self._lock = threading.Lock()
@@ -70,8 +72,24 @@ class SwarmView:
         """Peers a quorum of trusted verifiers deactivated, as of the last ``refresh()``."""
         return set(self._deactivated)
 
-    def ban(self, peer_id: str) -> None:
-        self.banned.add(peer_id)
+    @property
+    def banned(self) -> set[str]:
+        """Servers this client avoids now: they failed a step recently (temporary bans, :mod:`efedllm.client.bans`)."""
+        return self.bans.banned(time.monotonic())
+
+    def ban(self, peer_id: str) -> float:
+        """Avoid ``peer_id`` for a while (longer after each failure); returns the ban's seconds."""
+        seconds = self.bans.ban(peer_id, time.monotonic())
+        logger.info("avoiding %s for %.0f s", peer_id, seconds)
+        return seconds
+
+    def served(self, peer_id: str) -> None:
+        """``peer_id`` served a session: once its ban is over, its past failures are forgiven."""
+        self.bans.succeeded(peer_id, time.monotonic())
+
+    def record_step_time(self, peer_id: str, seconds: float, blocks: int) -> None:
+        """A decode step this client timed on one hop (relayed): routing prefers it over the server's claim."""
+        self.step_seconds[peer_id] = smoothed_rtt(self.step_seconds.get(peer_id), seconds / max(1, blocks))
 
     def record_rtt(self, peer_id: str, seconds: float) -> None:
         """A measured round trip (a session opened on ``peer_id``); routing uses the moving average."""
@@ -82,7 +100,7 @@ class SwarmView:
         choose = choose_checkable_route if leave_disjoint else choose_route
         excluded = set(excluded) | self.deactivated_peers()
         rtt = rtt_estimates(self.rtt, self.servers.keys())
-        return choose(list(self.servers.values()), self.num_blocks, rtt, excluded, max_length)
+        return choose(list(self.servers.values()), self.num_blocks, rtt, excluded, max_length, self.step_seconds)
 
     def disjoint_route(self, primary: list[RouteHop], max_length: int) -> list[RouteHop] | None:
         """A chain sharing no server with ``primary`` (banned servers excluded), or None."""

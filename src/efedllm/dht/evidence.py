@@ -4,7 +4,9 @@ One record per reporting client under key ``{model}.evidence``, subkey exactly t
 key (:mod:`efedllm.dht.signed`): a client can only write its own report, and a record whose
 ``reporter_key`` differs from the key that signed it is dropped. Evidence only *prioritises*
 probes: a client's word never deactivates anyone (a lying client could otherwise deactivate honest
-servers); the verifier's own probes decide.
+servers); the verifier's own probes decide. Evidence dated beyond the clock skew is dropped, and a
+reader keeps a "seen up to" mark per reporter (:func:`fresh_evidence`), so one reporter's dates
+cannot hide another's reports.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 
 from efedllm.common.errors import RecordError
 from efedllm.dht.records import SpotCheckEvidence
-from efedllm.dht.signed import SignedEntry, owner_key, read_signed, store_signed
+from efedllm.dht.signed import SignedEntry, check_dated, owner_key, read_signed, store_signed
 
 logger = logging.getLogger(__name__)
 EVIDENCE_TTL_S = 600.0
@@ -40,6 +42,7 @@ def parse_evidence_entry(entry: SignedEntry) -> SpotCheckEvidence:
     evidence = SpotCheckEvidence.from_wire(entry.value)
     if evidence.reporter_key != entry.signer:
         raise RecordError("evidence names a reporter key other than the key that signed it")
+    check_dated(evidence.timestamp, "spot-check evidence")
     return evidence
 
 
@@ -56,6 +59,15 @@ def fetch_evidence(dht: DHT, model: str, since: float = 0.0, timeout: float = 10
 def evidence_in(found, since: float = 0.0) -> list[SpotCheckEvidence]:
     """The valid evidence newer than ``since`` in a DHT lookup result (``dht.get``'s value or None)."""
     return [report for report in read_signed(found, parse_evidence_entry, "evidence") if report.timestamp > since]
+
+
+def fresh_evidence(reports: list[SpotCheckEvidence], seen: dict[str, float]) -> list[SpotCheckEvidence]:
+    """The reports newer than their reporter's mark in ``seen`` (reporter key -> newest timestamp
+    acted on), which is moved forward for those reporters; pure but for ``seen``."""
+    fresh = [report for report in reports if report.timestamp > seen.get(report.reporter_key, 0.0)]
+    for report in fresh:
+        seen[report.reporter_key] = max(seen.get(report.reporter_key, 0.0), report.timestamp)
+    return fresh
 
 
 def probe_order(online_peer_ids: list[str], evidence: list[SpotCheckEvidence]) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Annotated
 from efedllm.common.records import Count, Items, Key, NonNegative, Number, PeerId, Positive, Text, WireRecord, require
 from efedllm.common.spans import Span
 
-RECORD_VERSION = 2  # 2: servers speak WIRE_VERSION 3; a peer of version 1 drops these records instead of calling in vain
+RECORD_VERSION = 3  # 3: records are bound to the identity key of their peer and dated (issue 15); 2: WIRE_VERSION 3
 MAX_SUSPECTS = 64
 Name = Annotated[str, Text(256)]
 Short = Annotated[str, Text(32)]
@@ -33,7 +33,10 @@ class ServerInfo(WireRecord, kind="server record", version=RECORD_VERSION):
 
     ``throughput`` is measured tokens per second through the whole span for one decode step;
     ``free_cache_tokens`` is how many more tokens of KV cache it can hold; ``public_key`` is the
-    hex of the DER public key its DHT records are signed with.
+    owner key its DHT records are signed with, whose libp2p peer id must be ``peer_id``
+    (:mod:`efedllm.dht.identity`); ``issued_at`` (DHT time) orders a peer's records: a reader keeps
+    the newest and rejects one dated beyond the clock skew. ``throughput`` is the server's own
+    claim: clients use it only as a capped prior (:mod:`efedllm.client.routing`).
     """
 
     peer_id: PeerId
@@ -45,6 +48,7 @@ class ServerInfo(WireRecord, kind="server record", version=RECORD_VERSION):
     max_sessions: Positive
     public_key: Key
     software_version: Annotated[str, Text(64)]
+    issued_at: NonNegative = 0.0
     wire_formats: tuple[Short, ...] = ("float32",)
     dtype: Short = "float32"
 

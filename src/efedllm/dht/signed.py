@@ -26,6 +26,7 @@ from hivemind.utils import get_dht_time
 from efedllm.common.errors import RecordError
 
 logger = logging.getLogger(__name__)
+MAX_CLOCK_SKEW_S = 30.0  # how far in the future a record may be dated: peers' clocks differ, but not by minutes
 OWNER_MARKER = b"[owner:"
 _OWNER_PART = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX, re.DOTALL)
 Record = TypeVar("Record")
@@ -91,6 +92,16 @@ def read_signed(found: Any, parse: Callable[[SignedEntry], Record], what: str) -
         except (RecordError, TypeError, ValueError) as error:
             logger.warning("ignoring malformed %s: %s", what, error)
     return records
+
+
+def check_dated(timestamp: float, what: str, now: float | None = None) -> None:
+    """RecordError when ``timestamp`` (unix time) lies more than ``MAX_CLOCK_SKEW_S`` after ``now``.
+
+    A record from the future would otherwise outrank every honest record after it (a newest-wins
+    rule) or move a reader's "seen up to" mark past them."""
+    now = get_dht_time() if now is None else now
+    if timestamp > now + MAX_CLOCK_SKEW_S:
+        raise RecordError(f"{what} is dated {timestamp - now:.0f} s in the future (more than {MAX_CLOCK_SKEW_S:.0f} s)")
 
 
 class _LatestValues:

@@ -20,7 +20,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from efedllm.common.errors import RecordError
 from efedllm.dht.quorum import QuorumRule, deactivated_peers
 from efedllm.dht.records import TrustVerdict
-from efedllm.dht.signed import SignedEntry, get_latest_many, owner_key, read_signed, store_signed
+from efedllm.dht.signed import SignedEntry, check_dated, get_latest_many, owner_key, read_signed, store_signed
 
 DEFAULT_VERDICT_MAX_AGE_S = 600.0
 
@@ -47,6 +47,7 @@ def parse_verdict_entry(server_peer_id: str, entry: SignedEntry) -> TrustVerdict
         raise RecordError("verdict names a verifier key other than the key that signed it")
     if verdict.server_peer_id != server_peer_id:
         raise RecordError(f"verdict on {verdict.server_peer_id} is stored under server {server_peer_id}")
+    check_dated(verdict.timestamp, f"verdict on {server_peer_id}")
     return verdict
 
 

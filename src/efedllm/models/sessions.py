@@ -33,6 +33,7 @@ class Session:
     max_length: int
     cache: object
     length: int = 0
+    batch: int = 1
 
 
 class SpanSessions:
@@ -57,7 +58,7 @@ class SpanSessions:
     def cached_tokens(self) -> int:
         return sum(session.length for session in list(self._sessions.values()))
 
-    def open(self, session_id: str, max_length: int, blocks: Span | None = None) -> Session:
+    def open(self, session_id: str, max_length: int, blocks: Span | None = None, batch: int = 1) -> Session:
         blocks = blocks or self.model.span
         if not self.model.span.contains(blocks):
             raise SpanInputError(f"blocks {blocks} are not inside this server's span {self.model.span}")
@@ -68,7 +69,7 @@ class SpanSessions:
                 raise SpanInputError(f"session {session_id!r} is already open")
             if len(self._sessions) >= self.max_sessions:
                 raise SpanInputError(f"server is full: {self.max_sessions} sessions open")
-            session = Session(session_id, blocks, max_length, self.model.new_cache())
+            session = Session(session_id, blocks, max_length, self.model.new_cache(), batch=batch)
             self._sessions[session_id] = session
         return session
 
@@ -89,6 +90,9 @@ class SpanSessions:
         self.validate_hidden(hidden_states)
         position = session.length if position is None else position
         tokens = hidden_states.shape[1]
+        if hidden_states.shape[0] > session.batch:
+            raise SpanInputError(f"step of {hidden_states.shape[0]} rows sent to session {session_id!r} opened for "
+                                 f"batch {session.batch}")
         if position > session.length:
             raise SpanInputError(
                 f"step at position {position} is out of order: session {session_id!r} holds {session.length} tokens"

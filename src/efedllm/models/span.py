@@ -40,6 +40,14 @@ class SpanModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.layers.parameters()).dtype
 
+    def kv_bytes_per_token(self, blocks: Span | None = None) -> int:
+        """Bytes of KV cache one token of one batch row takes in ``blocks`` (default: the whole span)."""
+        config = self.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * heads * head_dim * element * (blocks or self.span).length  # keys and values
+
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size

@@ -9,7 +9,8 @@ cost both peers a wake-up); a unary ``rpc_deliver`` is served too. ``fail(step_i
 ends a wait with a failure the requester found itself (its stream to the first hop broke).
 
 A delivery is validated strictly: it must name a step that is awaited, an output may only come
-from the chain's last hop and an error report only from a hop of that chain.
+from the chain's last hop and an error report only from a hop of that chain. A report that blames
+another peer than its sender names nobody (:meth:`~efedllm.protocol.messages.Reply.believed_from`).
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ class DeliveryServicer(ServicerBase):
             self._check_sender(delivered, context.remote_id.to_base58())
         except RecordError as error:
             return str(error)
+        sender = context.remote_id.to_base58()
+        if not delivered.reply.ok:
+            delivered = DeliveredStep(delivered.step_id, delivered.reply.believed_from(sender))
         future = self._awaited[delivered.step_id].future
         if not future.done():
             future.set_result((delivered, list(request.tensors)))

@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from efedllm.common.records import Count, Identifier, Items, PeerId, Positive, Text, WireRecord
+from efedllm.common.records import Count, Identifier, Items, PeerId, Positive, Text, WireRecord, require
 from efedllm.common.spans import Span
 
-WIRE_VERSION = 3  # 3: hops and deliveries are mappings, replies are typed (2: lists and an untyped dict)
+WIRE_VERSION = 4  # 4: sessions are owned (upstream, batch at open), chains visit a peer once; 3: typed replies
 MAX_ROUTE_HOPS = 64
 MAX_ERROR_LENGTH = 4096
 WireFormat = Annotated[str, Text(16)]
@@ -70,6 +70,10 @@ class StepRequest(WireRecord, kind="step request", version=WIRE_VERSION):
     next_hops: Annotated[tuple[Hop, ...], Items(maximum=MAX_ROUTE_HOPS, noun="hops")] = ()
     deliver_to: Delivery | None = None
 
+    def check(self) -> None:
+        peers = [hop.peer_id for hop in self.next_hops]
+        require(len(set(peers)) == len(peers), "step request.next_hops visits a peer more than once (a loop)")
+
     def for_next_hop(self) -> "StepRequest":
         """The request this step's server sends on to ``next_hops[0]``."""
         following = self.next_hops[0]
@@ -79,9 +83,16 @@ class StepRequest(WireRecord, kind="step request", version=WIRE_VERSION):
 
 @dataclass(frozen=True)
 class OpenSessionRequest(WireRecord, kind="open-session request", version=WIRE_VERSION):
+    """Open a session of ``batch`` rows and up to ``max_length`` tokens; it belongs to the peer that asks.
+
+    ``upstream`` names the one other peer that may step it: the previous hop of the owner's chain,
+    which forwards the owner's steps (:mod:`efedllm.server.admission`)."""
+
     session_id: Identifier
     span: Span
     max_length: Positive
+    upstream: PeerId | None = None
+    batch: Positive = 1
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,16 @@ class Reply(WireRecord, kind="reply", version=WIRE_VERSION):
     def failure(cls, error: str, failed_peer: str | None = None) -> "Reply":
         """An error reply; the message is cut to ``MAX_ERROR_LENGTH`` characters."""
         return cls(error[:MAX_ERROR_LENGTH] or "unknown error", failed_peer)
+
+    def believed_from(self, reporter: str) -> "Reply":
+        """This failed reply as its receiver should take it from ``reporter``: blaming ``reporter`` itself
+        unless it names another peer, and then blaming nobody.
+
+        A peer is believed about itself only: when it names another as the one that failed, either of
+        the two may be lying, so the receiver blames no one and finds the culprit itself."""
+        if self.failed_peer is None or self.failed_peer == reporter:
+            return Reply(self.error, reporter)
+        return Reply.failure(f"{self.error} (as {reporter} reports of {self.failed_peer})")
 
 
 @dataclass(frozen=True)

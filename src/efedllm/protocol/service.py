@@ -124,5 +124,6 @@ class RemoteSpanStub:
         except Exception as error:
             raise HopFailure(self.peer_id, f"{method} on {self.peer_id} failed: {error!r}") from None
         if not reply.ok:
-            raise HopFailure(reply.failed_peer or self.peer_id, reply.error)
+            believed = reply.believed_from(self.peer_id)
+            raise HopFailure(believed.failed_peer, believed.error)
         return answer

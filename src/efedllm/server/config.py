@@ -11,6 +11,7 @@ from efedllm.common.spans import Span
 from efedllm.compression.apply import CompressionConfig
 from efedllm.dht.quorum import check_trusted_verifiers
 from efedllm.protocol.codec import WIRE_FORMATS
+from efedllm.server.admission import AdmissionPolicy
 from efedllm.server.faults import parse_fault
 
 
@@ -27,7 +28,9 @@ class ServerConfig:
     choosing blocks (no keys: none are). ``torch_threads`` is the compute threads (None: torch's
     default, every core). ``ready_file``: once the server is online, it writes there a JSON object
     with its peer id, span and addresses (and rewrites it when it moves), so a launcher waits on
-    that file instead of reading its log.
+    that file instead of reading its log. ``cache_budget_mb``, ``max_batch`` and
+    ``max_sessions_per_peer`` bound what sessions may hold (:meth:`admission_policy`). ``identity_path``: the server's key file (its peer id
+    and signing key, created on first start); None: a fresh identity each start.
     """
 
     model: str = "smollm2-135m"
@@ -51,6 +54,20 @@ class ServerConfig:
     trusted_verifier_keys: tuple[str, ...] = ()
     verifier_quorum: str = "majority"
     ready_file: Path | None = None
+    identity_path: Path | None = None
+    cache_budget_mb: float | None = None
+    max_batch: int = 16
+    max_sessions_per_peer: int | None = None
+
+    def admission_policy(self, kv_bytes_per_token: int) -> AdmissionPolicy:
+        """The limits on sessions for a span whose cache takes ``kv_bytes_per_token`` bytes per token.
+
+        Default budget: ``max_sessions`` sessions of ``max_session_length`` tokens at batch 1; default
+        per-peer limit: half the sessions (and half the budget)."""
+        budget = (int(self.cache_budget_mb * 2**20) if self.cache_budget_mb is not None
+                  else self.max_sessions * self.max_session_length * kv_bytes_per_token)
+        per_peer = self.max_sessions_per_peer or max(1, self.max_sessions // 2)
+        return AdmissionPolicy(budget, self.max_sessions, per_peer, self.max_batch, self.max_session_length)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "trusted_verifier_keys", check_trusted_verifiers(self.trusted_verifier_keys,
@@ -62,8 +79,10 @@ class ServerConfig:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
-        if self.max_sessions < 1 or self.max_session_length < 1:
-            raise ValueError("max_sessions and max_session_length must be >= 1")
+        if self.max_sessions < 1 or self.max_session_length < 1 or self.max_batch < 1:
+            raise ValueError("max_sessions, max_session_length and max_batch must be >= 1")
+        if (self.cache_budget_mb is not None and not self.cache_budget_mb > 0) or (self.max_sessions_per_peer or 1) < 1:
+            raise ValueError("cache_budget_mb must be > 0 and max_sessions_per_peer >= 1")
         unknown = set(self.wire_formats) - set(WIRE_FORMATS)
         if unknown or not self.wire_formats:
             raise ValueError(f"unknown or no wire format(s) {sorted(unknown)}; choose from {list(WIRE_FORMATS)}")

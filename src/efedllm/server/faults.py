@@ -8,6 +8,7 @@ A :class:`FaultMode` is a small extension point. The server calls it in this ord
 2. For every step (prefill or decode, probe or not): ``delay_seconds()`` and sleep that long
    before answering, then ``corrupt(inputs, outputs)`` on the span's output hidden states; the
    returned tensor is what the server sends on.
+3. At every announcement: ``announced_throughput(measured)`` is the throughput the record claims.
 
 Modes (``parse_fault`` reads them):
 
@@ -25,6 +26,7 @@ Modes (``parse_fault`` reads them):
   standard deviation (same shapes and scales, unrelated values).
 - ``intermittent:P``: on a random fraction P of steps answers like ``random``; otherwise honest.
 - ``slow:MS``: honest but waits MS milliseconds per step.
+- ``announce:TOKENS_PER_S``: computes honestly but announces that throughput (a liar after traffic).
 
 Every fault draws from its own generator seeded at construction, so runs are reproducible.
 """
@@ -55,6 +57,10 @@ class FaultMode:
     def delay_seconds(self) -> float:
         """How long to wait before answering a step."""
         return 0.0
+
+    def announced_throughput(self, measured: float) -> float:
+        """The tokens per second the server's record claims, given what it measured."""
+        return measured
 
     def gaussian_like(self, tensor: torch.Tensor) -> torch.Tensor:
         """Standard normal noise shaped like ``tensor``, drawn from this fault's generator."""
@@ -120,6 +126,15 @@ class SlowFault(FaultMode):
         return self.milliseconds / 1000.0
 
 
+class AnnounceFault(FaultMode):
+    def __init__(self, throughput: float, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.throughput, self.spec = throughput, f"announce:{throughput:g}"
+
+    def announced_throughput(self, measured: float) -> float:
+        return self.throughput
+
+
 class IdentityBlock(torch.nn.Module):
     """Stands in for a decoder layer and returns its hidden states unchanged (a skipped block).
 
@@ -165,7 +180,8 @@ class WrongModelFault(FaultMode):
 
 
 _MODES_WITHOUT_ARGUMENT = {"none": FaultMode, "zeros": ZerosFault, "random": RandomFault, "wrong-model": WrongModelFault}
-KNOWN_MODES = ("none", "noise:SIGMA", "zeros", "random", "skip-blocks[:N]", "wrong-model", "intermittent:P", "slow:MS")
+KNOWN_MODES = ("none", "noise:SIGMA", "zeros", "random", "skip-blocks[:N]", "wrong-model", "intermittent:P", "slow:MS",
+               "announce:TOKENS_PER_S")
 
 
 def _number(spec: str, name: str, text: str) -> float:
@@ -190,7 +206,7 @@ def parse_fault(text: str, seed: int = 0) -> FaultMode:
         return _MODES_WITHOUT_ARGUMENT[mode](seed=seed)
     if mode == "skip-blocks":
         return _parse_skip_blocks(spec, argument, seed)
-    if mode not in ("noise", "intermittent", "slow"):
+    if mode not in ("noise", "intermittent", "slow", "announce"):
         raise ValueError(f"fault {spec!r}: unknown mode {mode!r}; known modes: {', '.join(KNOWN_MODES)}")
     if not argument:
         raise ValueError(f"fault {spec!r}: mode {mode!r} needs an argument, e.g. {mode}:{_EXAMPLES[mode]}")
@@ -204,12 +220,12 @@ def parse_fault(text: str, seed: int = 0) -> FaultMode:
             raise ValueError(f"fault {spec!r}: P must be in (0, 1], got {value:g}")
         return IntermittentFault(value, seed=seed)
     if value < 0:
-        raise ValueError(f"fault {spec!r}: MS must be >= 0, got {value:g}")
-    return SlowFault(value, seed=seed)
+        raise ValueError(f"fault {spec!r}: {_ARGUMENT_NAMES[mode]} must be >= 0, got {value:g}")
+    return SlowFault(value, seed=seed) if mode == "slow" else AnnounceFault(value, seed=seed)
 
 
-_ARGUMENT_NAMES = {"noise": "SIGMA", "intermittent": "P", "slow": "MS"}
-_EXAMPLES = {"noise": "0.01", "intermittent": "0.2", "slow": "200"}
+_ARGUMENT_NAMES = {"noise": "SIGMA", "intermittent": "P", "slow": "MS", "announce": "TOKENS_PER_S"}
+_EXAMPLES = {"noise": "0.01", "intermittent": "0.2", "slow": "200", "announce": "1e6"}
 
 
 def _parse_skip_blocks(spec: str, argument: str, seed: int) -> SkipBlocksFault:

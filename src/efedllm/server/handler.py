@@ -8,6 +8,11 @@ forwarded by this server straight to the next hop; no hop returns through the cl
 is validated; an error answers that request only and names what was wrong, or which downstream peer
 failed.
 
+A session belongs to the peer that opened it (:mod:`efedllm.server.admission`): only that peer may
+close it, and only it or the ``upstream`` peer it named at open may step it; the open is admitted
+against the server's KV-cache budget and per-peer limits, evicting idle sessions of the biggest
+holder when full. A step whose chain comes back to this server is refused.
+
 Chained steps with ``deliver_to`` (what clients send) come on the one-way ``STEP_PUSH`` stream
 (:mod:`efedllm.protocol.channel`) and get no acknowledgement at all: each is computed at once and
 pushed on to the next hop, and the last hop pushes the output to the requester's ``DELIVERY_PUSH``
@@ -34,7 +39,7 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from efedllm.common.errors import RecordError
-from efedllm.models.sessions import SpanInputError, SpanSessions
+from efedllm.models.sessions import SpanInputError, SpanSessions, UnknownSessionError
 from efedllm.protocol import codec
 from efedllm.protocol.channel import ChannelPool
 from efedllm.protocol.delivery import DELIVERY_PUSH, deliver
@@ -47,23 +52,29 @@ from efedllm.protocol.messages import (
     WeightsRequest,
 )
 from efedllm.protocol.service import STEP_PUSH, STEP_STREAM, serve_span_service, stop_span_service
+from efedllm.server.admission import AccessError, AdmissionError, AdmissionPolicy, SessionLease, admit, check_access, free_tokens
 from efedllm.server.faults import FaultMode
+from efedllm.server.memory import release_freed_memory
 from efedllm.server.weights import pack_span_weights, weights_messages
 
 logger = logging.getLogger(__name__)
-# Steps of at most this many tokens run on the event loop: for a decode step the hand-off to the
-# compute thread and back measured ~1.8 ms per hop, and the 3-server swarm went from 0.69 to 0.82 of
-# local tokens/s (benchmarks/swarm_vs_local.py). Longer steps (prefills, probes) keep the loop free.
+# Steps of at most this many rows × tokens run on the event loop: for a decode step the hand-off to
+# the compute thread and back measured ~1.8 ms per hop, and the 3-server swarm went from 0.69 to 0.82
+# of local tokens/s (benchmarks/swarm_vs_local.py). Longer steps (prefills, probes, batches) keep the
+# loop free: a "decode" step of 4096 rows run inline stalled every other session for 5.5 s.
 INLINE_STEP_TOKENS = 1
+LARGE_CACHE_BYTES = 2**20  # closing a session that reserved this much also trims the C heap (server.memory)
 FORWARD_TIMEOUT = 20.0  # below the client's default request timeout, so a stalled hop is reported first
 
 
 class SpanServicer:
     """Serves one span's sessions. ``compute`` runs blocking tensor work off the event loop."""
 
-    def __init__(self, sessions: SpanSessions, p2p: P2P, compute, fault: FaultMode | None = None,
+    def __init__(self, sessions: SpanSessions, p2p: P2P, compute, policy: AdmissionPolicy, fault: FaultMode | None = None,
                  wire_formats=codec.WIRE_FORMATS, compression: dict | None = None) -> None:
-        self.sessions, self.p2p, self.compute, self.fault = sessions, p2p, compute, fault
+        self.sessions, self.p2p, self.compute, self.policy, self.fault = sessions, p2p, compute, policy, fault
+        self.peer_id = p2p.peer_id.to_base58()
+        self.leases: dict[str, SessionLease] = {}  # session id -> its owner, upstream and reserved bytes
         self.wire_formats = tuple(wire_formats)
         self.compression = compression  # CompressionConfig.signature() of the hosted weights, None when dense
         self.last_used: dict[str, float] = {}
@@ -85,30 +96,62 @@ class SpanServicer:
 
     async def rpc_open_session(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
-            open_request = codec.read_message(OpenSessionRequest, request)
-            self.sessions.open(open_request.session_id, open_request.max_length, open_request.span)
-        except (RecordError, SpanInputError) as error:
+            self._open(codec.read_message(OpenSessionRequest, request), context.remote_id.to_base58())
+        except (RecordError, SpanInputError, AdmissionError) as error:
             return codec.error_reply(str(error))
-        self.last_used[open_request.session_id] = time.monotonic()
         return codec.ok_reply()
+
+    def _open(self, request: OpenSessionRequest, owner: str) -> None:
+        """Admits the session (evicting idle ones if the budget says so), opens it and records its lease."""
+        if request.session_id in self.sessions:
+            raise SpanInputError(f"session {request.session_id!r} is already open")
+        if not self.sessions.model.span.contains(request.span):
+            raise SpanInputError(f"blocks {request.span} are not inside this server's span {self.sessions.model.span}")
+        reserved = request.batch * request.max_length * self.sessions.model.kv_bytes_per_token(request.span)
+        now = time.monotonic()
+        idle = {session_id: now - self.last_used.get(session_id, now) for session_id in self.leases}
+        for session_id in admit(self.policy, self.leases, idle, owner, reserved, request.batch):
+            logger.info("evicting idle session %s of %s for a session of %s", session_id, self.leases[session_id].owner, owner)
+            self._drop(session_id)
+        self.sessions.open(request.session_id, request.max_length, request.span, request.batch)
+        self.leases[request.session_id] = SessionLease(owner, request.upstream, reserved, request.batch)
+        self.last_used[request.session_id] = now
+
+    def free_cache_tokens(self) -> int:
+        """Batch-1 tokens of KV cache still free in the budget over the whole span: what the server announces."""
+        return free_tokens(self.policy, self.leases, self.sessions.model.kv_bytes_per_token())
+
+    def _drop(self, session_id: str) -> None:
+        if session_id in self.sessions:
+            self.sessions.close(session_id)
+        lease = self.leases.pop(session_id, None)
+        self.last_used.pop(session_id, None)
+        if lease is not None and lease.reserved_bytes >= LARGE_CACHE_BYTES:
+            release_freed_memory()
 
     async def rpc_close_session(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
             session_id = codec.read_message(CloseSessionRequest, request).session_id
-            self.sessions.close(session_id)
-        except (RecordError, SpanInputError) as error:
+            check_access(self._lease(session_id), session_id, context.remote_id.to_base58(), closing=True)
+        except (RecordError, SpanInputError, AccessError) as error:
             return codec.error_reply(str(error))
-        self.last_used.pop(session_id, None)
+        self._drop(session_id)
         return codec.ok_reply()
+
+    def _lease(self, session_id: str) -> SessionLease:
+        lease = self.leases.get(session_id)
+        if lease is None:
+            raise UnknownSessionError(f"unknown session {session_id!r}")
+        return lease
 
     async def rpc_step(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
-            step, hidden = self._read_step(request)
+            step, hidden = self._read_step(request, context.remote_id.to_base58())
             if step.deliver_to is not None:
                 self._start_hand_on(self._compute_and_hand_on(step, hidden))
                 return codec.ok_reply()  # queued before the task computes: the caller is free at once
             tensors = await self._compute_step(step, hidden)
-        except (RecordError, SpanInputError) as error:
+        except (RecordError, SpanInputError, AccessError) as error:
             return codec.error_reply(str(error))
         except Exception as error:  # a bug in one step must not end the stream that other sessions share
             logger.exception("a step failed")
@@ -128,25 +171,35 @@ class SpanServicer:
             logger.info("one-way step from %s names no requester to deliver to", context.remote_id)
             return
         try:
-            hidden = self._step_inputs(step, request)
+            hidden = self._step_inputs(step, request, context.remote_id.to_base58())
+        except AccessError as error:  # not from the session's owner or upstream: nobody of its chain to tell
+            logger.info("refused a one-way step: %s", error)
+            return
         except (RecordError, SpanInputError) as error:
-            await self._report(step, str(error), self.p2p.peer_id.to_base58())
+            await self._report(step, str(error), self.peer_id)
             return
         await self._compute_and_hand_on(step, hidden, acknowledged=False)
 
-    def _read_step(self, request: runtime_pb2.ExpertRequest):
-        """(the validated StepRequest, its hidden states); raises RecordError or SpanInputError naming the problem."""
+    def _read_step(self, request: runtime_pb2.ExpertRequest, sender: str):
+        """(the validated StepRequest, its hidden states); raises RecordError, SpanInputError or AccessError."""
         step = codec.read_message(StepRequest, request)
-        return step, self._step_inputs(step, request)
+        return step, self._step_inputs(step, request, sender)
 
-    def _step_inputs(self, step: StepRequest, request: runtime_pb2.ExpertRequest):
-        """The step's hidden states, checked against this server's session and wire formats."""
+    def _step_inputs(self, step: StepRequest, request: runtime_pb2.ExpertRequest, sender: str):
+        """The step's hidden states, checked against this server's session, its lease and wire formats."""
+        check_access(self._lease(step.session_id), step.session_id, sender)
+        if any(hop.peer_id == self.peer_id for hop in step.next_hops):
+            raise RecordError(f"step's next hops come back to this server {self.peer_id} (a loop)")
         if step.wire_format not in self.wire_formats:
             raise RecordError(f"wire format {step.wire_format!r} is not accepted here: {list(self.wire_formats)}")
         session = self.sessions.get(step.session_id)
         if step.span != session.blocks:
             raise RecordError(f"step for blocks {step.span} sent to a session of blocks {session.blocks}")
-        return codec.decode_hidden(request.tensors, step.wire_format, self.sessions.model.dtype)
+        hidden = codec.decode_hidden(request.tensors, step.wire_format, self.sessions.model.dtype)
+        if hidden.dim() == 3 and hidden.shape[0] * hidden.shape[1] > self.policy.max_step_tokens:
+            raise SpanInputError(f"step of {hidden.shape[0]} rows × {hidden.shape[1]} tokens exceeds this server's limit "
+                                 f"of {self.policy.max_step_tokens} per step: send it in parts")
+        return hidden
 
     async def rpc_span_weights(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
@@ -166,7 +219,7 @@ class SpanServicer:
         delay = self.fault.delay_seconds() if self.fault is not None else 0.0
         if delay > 0:
             await asyncio.sleep(delay)
-        if hidden.shape[1] <= INLINE_STEP_TOKENS:
+        if hidden.shape[0] * hidden.shape[1] <= INLINE_STEP_TOKENS:
             outputs = self._run_step(step, hidden)  # a decode step: the thread hand-off costs more than it runs
         else:
             outputs = await self.compute(self._run_step, step, hidden)
@@ -229,7 +282,7 @@ class SpanServicer:
         except Exception as error:  # the caller was answered already: the requester must hear of it
             if not isinstance(error, SpanInputError):
                 logger.exception("step of session %s failed", step.session_id)
-            await self._report(step, f"{type(error).__name__}: {error}", self.p2p.peer_id.to_base58())
+            await self._report(step, f"{type(error).__name__}: {error}", self.peer_id)
             return
         if step.next_hops:
             await self._push_next_hop(step, tensors)
@@ -261,7 +314,6 @@ class SpanServicer:
         now, closed = time.monotonic(), 0
         for session_id, used in list(self.last_used.items()):
             if now - used > idle_timeout and session_id in self.sessions:
-                self.sessions.close(session_id)
-                self.last_used.pop(session_id, None)
+                self._drop(session_id)
                 closed += 1
         return closed

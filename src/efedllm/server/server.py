@@ -16,15 +16,14 @@ import signal
 import time
 
 import torch
-from hivemind.dht import DHT
-from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
 
 from efedllm import __version__
 from efedllm.common.spans import Span
 from efedllm.compression.calibration import compress_span
 from efedllm.dht.records import ServerInfo, ServerState
 from efedllm.dht.servers import announce, fetch_servers
-from efedllm.dht.signed import owner_key
+from efedllm.dht.identity import Identity, start_dht
 from efedllm.dht.verdicts import deactivated_peers_in_dht
 from efedllm.models.sessions import SpanSessions
 from efedllm.models.span import SpanModel, load_span
@@ -59,6 +58,7 @@ class Server:
         self.maddrs: list[str] = []
         self.span: Span | None = None
         self.throughput = 0.0
+        self.fault: FaultMode | None = None
         self._stopping: asyncio.Event | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute")
 
@@ -84,13 +84,11 @@ class Server:
     async def start(self) -> None:
         if self.config.torch_threads is not None:
             torch.set_num_threads(self.config.torch_threads)
-        self.validator = RSASignatureValidator()
-        self.dht = DHT(
-            initial_peers=list(self.config.initial_peers) or None,
-            start=True,
-            host_maddrs=self.config.host_maddrs,
-            record_validators=[self.validator],
-        )
+        path = self.config.identity_path
+        identity = Identity.load_or_create(path) if path is not None else Identity.generate()
+        self.validator = identity.validator  # records are signed by the key the peer id derives from
+        self.dht = start_dht(identity, path, initial_peers=list(self.config.initial_peers) or None,
+                             host_maddrs=self.config.host_maddrs)
         self.p2p = await self.dht.replicate_p2p()
         self.peer_id = self.p2p.peer_id.to_base58()
         self.maddrs = [str(maddr) for maddr in self.dht.get_visible_maddrs()]
@@ -117,11 +115,13 @@ class Server:
             model = await self._compute(self._load_span_model, span)
         self.sessions = SpanSessions(model, self.config.max_sessions, self.config.max_session_length)
         self.throughput = await self._compute(measure_throughput, self.sessions)
-        fault = self._build_fault(model)
+        self.fault = fault = self._build_fault(model)
         if self.servicer is not None:
             await self.servicer.shutdown()
         compression = self.config.compression.signature() if self.config.compression else None
-        self.servicer = SpanServicer(self.sessions, self.p2p, self._compute, fault, self.config.wire_formats, compression)
+        policy = self.config.admission_policy(model.kv_bytes_per_token())
+        self.servicer = SpanServicer(self.sessions, self.p2p, self._compute, policy, fault, self.config.wire_formats,
+                                     compression)
         await self.servicer.start()
         self._announce(ServerState.ONLINE)
         self._write_ready_file()
@@ -202,18 +202,19 @@ class Server:
 
     def info(self, state: ServerState) -> ServerInfo:
         free_tokens = 0
-        if self.sessions is not None:
-            free_tokens = max(0, self.config.max_session_length * (self.config.max_sessions - len(self.sessions)))
+        if self.servicer is not None:
+            free_tokens = self.servicer.free_cache_tokens()
         return ServerInfo(
             peer_id=self.peer_id,
             model=self.config.model,
             span=self.span,
             state=state,
-            throughput=float(self.throughput),
+            throughput=float(self.fault.announced_throughput(self.throughput) if self.fault else self.throughput),
             free_cache_tokens=free_tokens,
             max_sessions=self.config.max_sessions,
-            public_key=owner_key(self.validator),
+            public_key=self.validator.local_public_key.hex(),
             software_version=__version__,
+            issued_at=get_dht_time(),
             wire_formats=tuple(self.config.wire_formats),
             dtype=self.config.dtype,
         )

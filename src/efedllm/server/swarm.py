@@ -17,10 +17,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from hivemind.dht import DHT
-from hivemind.dht.crypto import RSASignatureValidator
-
 from efedllm.common.spans import Span
+from efedllm.dht.identity import Identity, start_dht
 from efedllm.dht.records import ServerInfo, ServerState
 from efedllm.dht.servers import fetch_servers
 from efedllm.models.weights import model_blocks
@@ -91,7 +89,7 @@ class LocalSwarm:
         self.dht = None
 
     def start_bootstrap(self) -> list[str]:
-        self.dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[RSASignatureValidator()])
+        self.dht = start_dht(Identity.generate(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         return self.initial_peers
 
     @property

@@ -33,17 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 
 from efedllm.common.background import BackgroundLoop
 from efedllm.common.dtypes import dtype_name
 from efedllm.common.errors import EfedllmError, RecordError
 from efedllm.common.spans import Span
-from efedllm.dht.evidence import evidence_in, evidence_key, probe_order
+from efedllm.dht.evidence import evidence_in, evidence_key, fresh_evidence, probe_order
 from efedllm.dht.records import ServerInfo, ServerState
 from efedllm.dht.servers import fetch_servers
-from efedllm.dht.signed import owner_key
+from efedllm.dht.identity import Identity, start_dht
 from efedllm.dht.verdicts import publish_verdict
 from efedllm.models.comparison import ProbeComparison, Tolerances, compare_outputs
 from efedllm.models.span import load_client_parts, load_span
@@ -77,6 +76,8 @@ class VerifierNodeConfig:
     ``decisions.probe_interval_s`` seconds. Each probe is a prefill of ``min_prompt_tokens`` to
     ``max_prompt_tokens`` tokens and ``decode_steps`` one-token steps; probes are ``0..jitter_s``
     seconds apart. Verdicts live ``verdict_ttl_s`` in the DHT (default: the verdict max age).
+    ``identity_path``: the verifier's key file (created on first start), so clients' and servers'
+    ``--trusted-verifiers`` keys and its trust history survive a restart; None: a new key each start.
 
     ``decode_steps`` = 8: a fault that strikes a share of steps shows in more of the probes. With 4,
     ``benchmarks/trust.py`` caught ``intermittent:0.1`` in 15 of 20 repetitions within 25 rounds;
@@ -98,6 +99,7 @@ class VerifierNodeConfig:
     seed: int | None = None
     torch_threads: int = 1
     decisions: VerifierConfig = field(default_factory=VerifierConfig)
+    identity_path: Path | None = None
 
     def __post_init__(self) -> None:
         if self.rounds is not None and self.rounds < 1:
@@ -203,7 +205,8 @@ class Verifier:
         self.scores: dict[str, float] = {}
         self.probe_bytes = 0
         self.rounds_done = 0
-        self._evidence_seen, self.evidence_received = 0.0, 0  # newest spot-check evidence already acted on
+        self._evidence_seen: dict[str, float] = {}  # reporter key -> newest of its evidence already acted on
+        self.evidence_received = 0
         self._evidence_lookup = None  # the DHT lookup of evidence started last round
         self.parts = self.reference = self.dht = self.p2p = self.ledger = None
         self._random = random.Random(config.seed)
@@ -220,11 +223,11 @@ class Verifier:
         self.reference = load_span(self.config.model, 0, self.parts.config.num_hidden_layers)
         self._passages = load_passages(self.config.corpus_path or default_corpus_path())
         self.ledger = Ledger(self.config.decisions.ledger_path).open()
-        self.validator = RSASignatureValidator()
-        self.key = owner_key(self.validator)
-        self.dht = DHT(initial_peers=list(self.config.initial_peers) or None, start=True,
-                       host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.port}"],
-                       record_validators=[self.validator])
+        path = self.config.identity_path
+        identity = Identity.load_or_create(path) if path is not None else Identity.generate()
+        self.validator, self.key = identity.validator, identity.owner_key  # the same key after a restart
+        self.dht = start_dht(identity, path, initial_peers=list(self.config.initial_peers) or None,
+                             host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.port}"])
         self.loop.start()
         self.p2p = self.loop.run(self.dht.replicate_p2p())
         return self
@@ -293,12 +296,11 @@ class Verifier:
         if pending is None or not pending.done():
             return online
         try:
-            evidence = evidence_in(pending.result(timeout=0), since=self._evidence_seen)
+            evidence = fresh_evidence(evidence_in(pending.result(timeout=0)), self._evidence_seen)
         except Exception:
             return online
         if not evidence:
             return online
-        self._evidence_seen = max(report.timestamp for report in evidence)
         self.evidence_received += len(evidence)
         by_peer = {info.peer_id: info for info in online}
         return [by_peer[peer] for peer in probe_order(list(by_peer), evidence)]

@@ -9,6 +9,7 @@ from efedllm.client.routing import (
     choose_checkable_route,
     choose_route,
     compress_ranges,
+    per_block_seconds,
     route_cost,
     rtt_estimates,
     smoothed_rtt,
@@ -45,16 +46,34 @@ def test_missing_blocks_are_named():
 
 
 def test_checkable_route_leaves_a_disjoint_second_chain():
-    # a fast tail makes "whole for blocks 0:15, then tail" the cheapest chain: it uses up both chains
+    # a tail measured fast makes "whole for blocks 0:15, then tail" the cheapest chain: it uses up both chains
     servers = [server("whole", 0, 30, throughput=50.0), server("head", 0, 15, throughput=60.0),
-               server("tail", 15, 30, throughput=400.0)]
-    cheapest = choose_route(servers, 30)
+               server("tail", 15, 30, throughput=60.0)]
+    measured = {"tail": 1.0 / (400.0 * 15)}
+    cheapest = choose_route(servers, 30, measured=measured)
     assert [hop.peer_id for hop in cheapest] == ["whole", "tail"]
-    checkable = choose_checkable_route(servers, 30)
+    checkable = choose_checkable_route(servers, 30, measured=measured)
     used = {hop.peer_id for hop in checkable}
-    second = choose_route(servers, 30, excluded=used)
+    second = choose_route(servers, 30, excluded=used, measured=measured)
     assert not used & {hop.peer_id for hop in second}
-    assert route_cost(checkable, servers) >= route_cost(cheapest, servers)
+    assert route_cost(checkable, servers, measured=measured) >= route_cost(cheapest, servers, measured=measured)
+
+
+def test_an_announced_throughput_is_a_capped_prior_and_a_measurement_overrides_it():
+    servers = [server("a", 0, 30, throughput=25.0), server("b", 0, 30, throughput=24.0),
+               server("liar", 0, 30, throughput=1e6)]
+    slow_liar = {"a": 0.001, "b": 0.001, "liar": 0.002}  # the liar's link is a little slower: its claim must not matter
+    assert choose_route(servers, 30, rtt=slow_liar)[0].peer_id == "a"
+    assert per_block_seconds(servers)["liar"] == per_block_seconds(servers)["a"]  # capped at the lower median
+    measured = {"a": 0.01, "liar": 0.0001}  # but what the client timed itself counts
+    assert choose_route(servers, 30, rtt=slow_liar, measured=measured)[0].peer_id == "liar"
+
+
+def test_a_chain_visits_each_server_once():
+    # with free round trips, splitting one server's span into two hops costs nothing: still refused
+    servers = [server("a", 0, 30), server("b", 10, 20, throughput=1.0)]
+    route = choose_route(servers, 30, rtt={"a": 0.0, "b": 0.0})
+    assert len({hop.peer_id for hop in route}) == len(route)
 
 
 def test_checkable_route_is_the_cheapest_when_no_disjoint_pair_exists():

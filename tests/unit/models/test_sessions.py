@@ -96,3 +96,19 @@ def test_unknown_model_and_span_outside_model():
         resolve_model("no-such-model")
     with pytest.raises(ValueError, match="exceeds"):
         load_span("smollm2-135m", 25, 31)
+
+
+def test_a_step_may_not_have_more_rows_than_its_session_was_opened_for(sessions):
+    sessions.open("rows", max_length=4, batch=2)
+    hidden = torch.randn(2, 1, sessions.model.hidden_size)
+    assert sessions.step("rows", hidden).shape == hidden.shape
+    with pytest.raises(SpanInputError, match="3 rows"):
+        sessions.step("rows", torch.randn(3, 1, sessions.model.hidden_size), position=0)
+    sessions.close("rows")
+
+
+def test_kv_bytes_per_token_counts_keys_and_values_of_each_block(sessions):
+    config = sessions.model.config
+    per_block = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
+    assert sessions.model.kv_bytes_per_token() == 2 * per_block
+    assert sessions.model.kv_bytes_per_token(Span(3, 4)) == per_block

@@ -85,3 +85,20 @@ def test_close_session_needs_a_session_id():
     for bad in ({"version": 3}, {"version": 3, "session_id": 7}, {"version": 3, "session_id": ""}):
         with pytest.raises(RecordError):
             CloseSessionRequest.from_wire(bad)
+
+
+def test_a_step_whose_chain_visits_a_peer_twice_is_refused():
+    loop = (Hop("A", Span(10, 20), "s2"), Hop("B", Span(20, 30), "s3"), Hop("A", Span(10, 20), "s4"))
+    with pytest.raises(RecordError, match="more than once"):
+        StepRequest("s1", Span(0, 10), 0, "float32", loop)
+    wire = StepRequest("s1", Span(0, 10), 0, "float32", loop[:2]).to_wire()
+    wire["next_hops"].append(wire["next_hops"][0])
+    with pytest.raises(RecordError, match="more than once"):
+        StepRequest.from_wire(wire)
+
+
+def test_a_peer_is_believed_about_itself_only():
+    assert Reply.failure("boom").believed_from("B") == Reply("boom", "B")
+    assert Reply.failure("boom", "B").believed_from("B") == Reply("boom", "B")
+    accusation = Reply.failure("next hop C failed", "C").believed_from("B")
+    assert accusation.failed_peer is None and "as B reports of C" in accusation.error
