@@ -12,6 +12,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from efedllm.client.local import LocalModelForCausalLM  # noqa: E402
+from efedllm.common.spans import parse_spans  # noqa: E402
 from efedllm.models.span import load_client_parts, load_span  # noqa: E402
 from efedllm.models.sources import resolve_model  # noqa: E402
 
@@ -39,3 +41,11 @@ def client_parts():
 @pytest.fixture(scope="session")
 def full_span():
     return load_span(MODEL, 0, 30)
+
+
+@pytest.fixture(scope="session")
+def local_pipeline(client_parts):
+    """The whole model in this process, as the swarms of the swarm and adversarial tests split it."""
+    spans = parse_spans("0:10,10:20,20:30")
+    return LocalModelForCausalLM(client_parts, [load_span(MODEL, span.start, span.end) for span in spans])
+

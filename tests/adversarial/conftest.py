@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from efedllm.client.local import LocalModelForCausalLM
 from efedllm.client.remote import DistributedModelForCausalLM
-from efedllm.common.spans import parse_spans
-from efedllm.models.span import load_span
 from efedllm.server.swarm import LocalSwarm
 
 LIAR_THROUGHPUT = 1e6  # honest servers here measure ~25-80 tokens/s
@@ -23,12 +20,6 @@ def swarm():
                                                 "--fault", f"announce:{LIAR_THROUGHPUT:g}"])
         local_swarm.wait_until_online(4)
         yield local_swarm
-
-
-@pytest.fixture(scope="package")
-def local_pipeline(client_parts):
-    spans = parse_spans("0:10,10:20,20:30")
-    return LocalModelForCausalLM(client_parts, [load_span("smollm2-135m", s.start, s.end) for s in spans])
 
 
 @pytest.fixture(scope="package")

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from efedllm.client.local import LocalModelForCausalLM
 from efedllm.client.remote import DistributedModelForCausalLM
-from efedllm.common.spans import parse_spans
-from efedllm.models.span import load_span
 from efedllm.server.swarm import LocalSwarm
 
 
@@ -19,12 +16,6 @@ def swarm():
             local_swarm.start_server(blocks, extra=["--no-rebalance"])
         local_swarm.wait_until_online(3)
         yield local_swarm
-
-
-@pytest.fixture(scope="package")
-def local_pipeline(client_parts):
-    spans = parse_spans("0:10,10:20,20:30")
-    return LocalModelForCausalLM(client_parts, [load_span("smollm2-135m", s.start, s.end) for s in spans])
 
 
 @pytest.fixture

@@ -125,8 +125,8 @@ def test_num_blocks_fills_thinnest_span_and_failover_after_sigkill(swarm, local_
     """A spare server picks the thinnest window; killing the first hop, then a middle hop, in the
     middle of a generation changes no token, and each loss is reported at once (one failover each),
     not found by waiting out the request timeout. The first hop's loss the client sees itself; the
-    middle hop's is reported by the first hop, which the client does not take on trust: its own
-    attempt to reopen on the dead peer bans it."""
+    middle hop's is reported by the first hop, which the client does not take on trust: the next
+    step is relayed, and the dead peer is banned only if the client's own reopen tries it."""
     swarm.start_server(num_blocks=10, extra=["--no-rebalance"])
     records = swarm.wait_until_online(4)
     spans = sorted(info.span for info in records.values())
@@ -152,7 +152,9 @@ def test_num_blocks_fills_thinnest_span_and_failover_after_sigkill(swarm, local_
                 tokens.append(token)
                 step_ids = torch.tensor([[token]])
             assert session.failovers == 2 and not set(killed) & {hop.peer_id for hop in session.route}
-            assert set(killed) <= model.view.banned
+            # the first hop's loss the client saw itself; the middle hop's was only reported by another peer, so
+            # it is banned only if the client's own reopen tried it: either way no live server is banned
+            assert killed[0] in model.view.banned and model.view.banned <= set(killed)
         assert tokens == expected
     finally:
         model.shutdown()

@@ -105,6 +105,8 @@ class SpanServicer:
         """Admits the session (evicting idle ones if the budget says so), opens it and records its lease."""
         if request.session_id in self.sessions:
             raise SpanInputError(f"session {request.session_id!r} is already open")
+        if not 1 <= request.max_length <= self.sessions.max_length_limit:
+            raise SpanInputError(f"max_length {request.max_length} must be between 1 and {self.sessions.max_length_limit}")
         if not self.sessions.model.span.contains(request.span):
             raise SpanInputError(f"blocks {request.span} are not inside this server's span {self.sessions.model.span}")
         reserved = request.batch * request.max_length * self.sessions.model.kv_bytes_per_token(request.span)
