@@ -31,6 +31,7 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
 from efedllm.common.errors import EfedllmError, RecordError
+from efedllm.dht.signed import owner_key
 
 OWNER_PREFIX, OWNER_SUFFIX = b"[owner:", b"]"
 
@@ -99,7 +100,7 @@ class Identity:
     @property
     def owner_key(self) -> str:
         """How records and ``--trusted-verifiers`` name this identity: the hex of its subkey owner part."""
-        return self.validator.local_public_key.hex()
+        return owner_key(self.validator)
 
 
 @functools.lru_cache(maxsize=4096)

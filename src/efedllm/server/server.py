@@ -24,6 +24,7 @@ from efedllm.compression.calibration import compress_span
 from efedllm.dht.records import ServerInfo, ServerState
 from efedllm.dht.servers import announce, fetch_servers
 from efedllm.dht.identity import Identity, start_dht
+from efedllm.dht.signed import owner_key
 from efedllm.dht.verdicts import deactivated_peers_in_dht
 from efedllm.models.sessions import SpanSessions
 from efedllm.models.span import SpanModel, load_span
@@ -212,7 +213,7 @@ class Server:
             throughput=float(self.fault.announced_throughput(self.throughput) if self.fault else self.throughput),
             free_cache_tokens=free_tokens,
             max_sessions=self.config.max_sessions,
-            public_key=self.validator.local_public_key.hex(),
+            public_key=owner_key(self.validator),
             software_version=__version__,
             issued_at=get_dht_time(),
             wire_formats=tuple(self.config.wire_formats),
