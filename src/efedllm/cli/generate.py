@@ -7,7 +7,7 @@ import json
 import sys
 
 from efedllm.cli import arguments
-from efedllm.cli.parser import positive_int
+from efedllm.cli.parser import fraction, positive_int
 from efedllm.client.config import RemoteClientConfig
 from efedllm.client.local import LocalModelForCausalLM, check_covering
 from efedllm.client.remote import DistributedModelForCausalLM
@@ -50,7 +50,10 @@ def register(subparsers) -> None:
                         help="chained steps answer back hop by hop instead of the last hop delivering to the client")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     arguments.add_trusted_verifiers(parser, "route around servers")
-    parser.add_argument("--verify-fraction", type=float, default=0.0, metavar="P",
+    parser.add_argument("--audit-fraction", type=fraction, default=RemoteClientConfig().audit_fraction, metavar="P",
+                        help="with --trusted-verifiers: steps carry signed receipts and this share of sessions is "
+                             "sent to a verifier to recompute (0: no receipts, no audits)")
+    parser.add_argument("--verify-fraction", type=fraction, default=0.0, metavar="P",
                         help="spot-check this share of steps on a second, disjoint chain; report mismatches to verifiers")
     add_generation_arguments(parser)
     arguments.add_compression_arguments(parser)
@@ -60,7 +63,8 @@ def register(subparsers) -> None:
 def remote_config(args: argparse.Namespace) -> RemoteClientConfig:
     return RemoteClientConfig(relay=args.relay, direct_delivery=not args.answer_along_chain, wire_format=args.wire,
                               dtype=args.dtype, trusted_verifier_keys=tuple(args.trusted_verifiers),
-                              verifier_quorum=args.verifier_quorum, verify_fraction=args.verify_fraction)
+                              verifier_quorum=args.verifier_quorum, verify_fraction=args.verify_fraction,
+                              audit_fraction=args.audit_fraction)
 
 
 def _print_stream(text: str) -> None:

@@ -1,4 +1,8 @@
-"""``efedllm ledger [--path PATH] [--json] [--epochs N]``: balances and crediting history of the reward ledger."""
+"""``efedllm ledger [--path PATH] [--json] [--epochs N]``: balances, crediting history and clawbacks of the ledger.
+
+A balance is the credits minus what was clawed back from a server caught lying; the clawed-back
+amount and the forfeited (never paid) work are shown beside it, and each clawback with its reason.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from efedllm.cli.parser import positive_int
@@ -29,6 +34,7 @@ def ledger_snapshot(ledger: Ledger, epochs: int) -> dict:
         "path": str(ledger.path),
         "balances": [balance.__dict__ for balance in ledger.balances()],
         "epochs": ledger.epochs(epochs),
+        "clawbacks": [clawback.__dict__ for clawback in ledger.clawbacks()],
     }
 
 
@@ -51,13 +57,32 @@ def _when(timestamp: float) -> str:
 
 
 def _print_tables(snapshot: dict) -> None:
-    balances = Table(title=f"Balances — {snapshot['path']}")
-    for column in ("server", "balance", "credited work", "pending work", "epochs"):
+    console = Console()
+    console.print(_balances_table(snapshot))
+    console.print(_history_table(snapshot))
+    if snapshot["clawbacks"]:  # most ledgers never have one; no empty table for them
+        console.print(_clawbacks_table(snapshot))
+
+
+def _balances_table(snapshot: dict) -> Table:
+    balances = Table(title=f"Balances — {snapshot['path']}; balance = credits − clawed back")
+    columns = ("server", "balance", "clawed back", "credited work", "pending work", "forfeited work", "epochs")
+    for column in columns:
         balances.add_column(column, justify="left" if column == "server" else "right")
     for row in snapshot["balances"]:
         balances.add_row(
-            row["peer_id"], f"{row['balance']:.4f}", str(row["credited_work"]), str(row["pending_work"]), str(row["epochs"])
+            row["peer_id"],
+            f"{row['balance']:.4f}",
+            f"{row['clawed_back']:.4f}",
+            str(row["credited_work"]),
+            str(row["pending_work"]),
+            str(row["forfeited_work"]),
+            str(row["epochs"]),
         )
+    return balances
+
+
+def _history_table(snapshot: dict) -> Table:
     history = Table(title="Credited epochs (newest first); work = tokens × blocks")
     for column in ("epoch", "closed", "server", "work", "score", "active", "credit"):
         history.add_column(column, justify="right" if column in ("work", "score", "credit") else "left")
@@ -76,6 +101,21 @@ def _print_tables(snapshot: dict) -> None:
                 "yes" if credit["active"] else "no",
                 f"{credit['amount']:.4f}",
             )
-    console = Console()
-    console.print(balances)
-    console.print(history)
+    return history
+
+
+def _clawbacks_table(snapshot: dict) -> Table:
+    clawbacks = Table(title="Clawbacks (oldest first): credits taken back, unpaid work forfeited")
+    for column in ("when", "server", "epoch", "kind", "amount", "work", "reason"):
+        clawbacks.add_column(column, justify="right" if column in ("epoch", "amount", "work") else "left")
+    for row in snapshot["clawbacks"]:
+        clawbacks.add_row(
+            _when(row["clawed_at"]),
+            row["peer_id"],
+            str(row["epoch"]),
+            "credit" if row["kind"] == "credit" else "forfeited work",
+            f"{row['amount']:.4f}",
+            str(row["work"]),
+            escape(row["reason"]),  # free text from a verifier: shown as written, never read as rich markup
+        )
+    return clawbacks

@@ -13,6 +13,7 @@ from efedllm.dht.identity import Identity, start_dht
 from efedllm.models.weights import model_blocks
 from efedllm.protocol.codec import WIRE_FORMATS
 from efedllm.server.config import ServerConfig
+from efedllm.server.faults import FAULT_HELP
 from efedllm.server.server import Server
 
 
@@ -34,7 +35,7 @@ def register(subparsers) -> None:
                        help="KV-cache budget (default: --max-sessions sessions of 2048 tokens at batch 1)")
     serve.add_argument("--wire", nargs="+", default=list(WIRE_FORMATS), choices=list(WIRE_FORMATS),
                        help="wire formats this server accepts")
-    serve.add_argument("--fault", default=None, help="inject a fault (verifier tests): noise:SIGMA, zeros, ...")
+    serve.add_argument("--fault", default=None, help=FAULT_HELP)
     arguments.add_trusted_verifiers(serve, "this server obeys")
     serve.add_argument("--weights-from", metavar="PEER",
                        help="fetch this span's weights from that server (peer id) instead of the model file")

@@ -25,6 +25,10 @@ class RemoteClientConfig:
     always reads them anew. ``refresh_view_in_background``: re-read them every 0.8 x
     ``server_view_max_age`` s in the background (as Petals' client does every 60 s), so a new session
     seldom waits for the DHT.
+
+    ``audit_fraction``: with trusted verifiers, every step carries signed receipts and this share of
+    sessions, drawn privately (``audit_seed``), is sent whole to a trusted verifier when it ends
+    (:mod:`efedllm.client.audit`); 0 turns receipts and audits off.
     """
 
     relay: bool = False
@@ -42,6 +46,8 @@ class RemoteClientConfig:
     spot_check_seed: int | None = None
     server_view_max_age: float = 10.0
     refresh_view_in_background: bool = True
+    audit_fraction: float = 0.5
+    audit_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.wire_format is not None:
@@ -51,10 +57,17 @@ class RemoteClientConfig:
                                                                                   self.verifier_quorum))
         if not 0.0 <= self.verify_fraction <= 1.0:
             raise ValueError(f"verify_fraction must be in [0, 1], got {self.verify_fraction}")
+        if not 0.0 <= self.audit_fraction <= 1.0:
+            raise ValueError(f"audit_fraction must be in [0, 1], got {self.audit_fraction}")
         if self.max_retries < 0 or self.request_timeout <= 0 or self.retry_delay < 0 or self.server_view_max_age < 0:
             raise ValueError("max_retries must be >= 0, request_timeout > 0, retry_delay and server_view_max_age >= 0")
         if self.discovery_timeout <= 0:
             raise ValueError(f"discovery_timeout must be > 0, got {self.discovery_timeout}")
+
+    @property
+    def wants_receipts(self) -> bool:
+        """Steps ask for receipts when sessions may be audited: some audit share and a verifier to send them to."""
+        return self.audit_fraction > 0 and bool(self.trusted_verifier_keys)
 
     @property
     def resolved_wire_format(self) -> str:

@@ -13,13 +13,16 @@ until the swarm covers every block; ``shutdown()`` releases everything (also aft
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from contextlib import contextmanager
 
 import torch
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 
+from efedllm.client.audit import SessionAudit
 from efedllm.client.config import RemoteClientConfig
 from efedllm.client.generation import CausalLMClient
 from efedllm.client.routing import RouteHop
@@ -29,9 +32,10 @@ from efedllm.client.swarm_view import SwarmView
 from efedllm.common.background import BackgroundLoop
 from efedllm.dht.evidence import publish_evidence
 from efedllm.dht.records import SpotCheckEvidence
-from efedllm.dht.identity import Identity, start_dht
+from efedllm.dht.identity import Identity, peer_id_of_owner, start_dht
 from efedllm.models.span import ClientParts, load_client_parts
 from efedllm.protocol import codec
+from efedllm.protocol.audit import AuditVerdict, submit_audit
 from efedllm.protocol.channel import ChannelPool
 from efedllm.protocol.delivery import DeliveryServicer
 from efedllm.protocol.service import STEP_PUSH, STEP_STREAM, RemoteSpanStub
@@ -53,8 +57,12 @@ class DistributedModelForCausalLM(CausalLMClient):
         self.client_key = self.peer_id = None
         self.p2p = self.delivery = self.steps = self.pushes = None
         self.loop = BackgroundLoop("efedllm-client-loop")
-        self.bytes_sent = 0
+        self.bytes_sent = self.bytes_received = 0  # hidden states of steps (received: with receipts' extra outputs)
         self._stubs: dict[str, RemoteSpanStub] = {}
+        self._audit_random = random.Random(config.audit_seed)
+        self._audits_pending: set = set()
+        self.audits: list[tuple[str, AuditVerdict | str]] = []  # (server, its verdict or why none came)
+        self.audit_bytes = 0
 
     @classmethod
     def from_pretrained(cls, model: str, initial_peers: list[str], config: RemoteClientConfig = RemoteClientConfig()):
@@ -118,12 +126,46 @@ class DistributedModelForCausalLM(CausalLMClient):
 
     async def run_chain(self, route: list[RouteHop], inputs: torch.Tensor) -> torch.Tensor:
         """``inputs`` [1, T, H] as one prefill through a fresh session on ``route``; its output [1, T, H]."""
-        session = RemoteInferenceSession(self, max_length=inputs.shape[1])
+        session = RemoteInferenceSession(self, max_length=inputs.shape[1], audited=False)
         try:
             await session.open_route(route)
             return await session.forward(inputs, 0)
         finally:
             await session.close()
+
+    def draw_audit(self) -> bool:
+        """Whether the next session is audited (a private draw with probability ``config.audit_fraction``)."""
+        return self._audit_random.random() < self.config.audit_fraction
+
+    def submit_audit(self, audit: SessionAudit) -> None:
+        """Sends an audited session's servers' sessions to trusted verifiers, in the background."""
+        future = self.loop.submit(self._submit_audit(audit))
+        self._audits_pending.add(future)
+        future.add_done_callback(self._audits_pending.discard)
+
+    async def _submit_audit(self, audit: SessionAudit) -> None:
+        verifiers = sorted(peer_id_of_owner(key) for key in self.config.trusted_verifier_keys)
+        for server, request, tensors in audit.requests(self.model_name):
+            verifier = self._audit_random.choice(verifiers)
+            self.audit_bytes += codec.wire_bytes(tensors) + len(codec.pack_metadata(request.to_wire()))
+            self.audits.append((server, await self._send_audit(server, verifier, request, tensors)))
+
+    async def _send_audit(self, server: str, verifier: str, request, tensors, attempts: int = 2) -> AuditVerdict | str:
+        """The verifier's verdict, or why none came. A second attempt: about one stream in 200 here ended
+        without an answer while the verifier was busy (hivemind closed it), and judging again is harmless."""
+        for attempt in range(attempts):
+            try:
+                return await submit_audit(self.p2p, verifier, request, tensors)
+            except Exception as error:  # a verifier out of reach must not end the client's work
+                logger.warning("audit of %s by %s failed (attempt %d): %r", server, verifier, attempt + 1, error)
+                failure = f"{type(error).__name__}: {error}"
+        return failure
+
+    def wait_for_audits(self, timeout: float = 120.0) -> None:
+        """Blocks until the audits submitted so far have been answered (or failed)."""
+        pending = list(self._audits_pending)
+        if pending:
+            self.run(_wait_for(pending, timeout))
 
     def report_evidence(self, evidence: SpotCheckEvidence) -> bool:
         """Publish spot-check evidence (signed with this client's key) for the verifiers."""
@@ -141,7 +183,12 @@ class DistributedModelForCausalLM(CausalLMClient):
         try:
             yield session
         finally:
-            self.run(session.close())
+            self.run(session.finish())
+
+
+async def _wait_for(futures: list, timeout: float) -> None:
+    """Waits on the client's loop for concurrent futures of coroutines running on it (wrapped here, on that loop)."""
+    await asyncio.wait([asyncio.wrap_future(future) for future in futures], timeout=timeout)
 
 
 async def _close_streams(*pools: ChannelPool) -> None:

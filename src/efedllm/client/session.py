@@ -25,11 +25,13 @@ from typing import Protocol
 
 import torch
 
+from efedllm.client.audit import SessionAudit, outputs_with_receipts
 from efedllm.client.config import RemoteClientConfig
 from efedllm.client.routing import MissingBlocksError, RouteHop
 from efedllm.client.spot_check import SpotChecker
 from efedllm.client.swarm_view import SwarmView
 from efedllm.common.errors import RecordError
+from efedllm.dht.identity import check_certificate
 from efedllm.protocol import codec
 from efedllm.protocol.delivery import DeliveryServicer
 from efedllm.protocol.messages import Delivery, Hop, OpenSessionRequest, StepRequest
@@ -48,6 +50,7 @@ class SessionHost(Protocol):
     wire_format: str
     dtype: torch.dtype
     spot_checker: SpotChecker
+    bytes_received: int
 
     def stub(self, peer_id: str) -> RemoteSpanStub: ...
 
@@ -55,14 +58,22 @@ class SessionHost(Protocol):
 
     def run(self, coroutine): ...
 
+    def draw_audit(self) -> bool: ...
+
+    def submit_audit(self, audit: SessionAudit) -> None: ...
+
 
 class RemoteInferenceSession:
-    """A session across a chain of servers. Call order: ``open`` (or ``open_route``), ``step`` many times, ``close``."""
+    """A session across a chain of servers. Call order: ``open`` (or ``open_route``), ``step`` many times,
+    ``finish`` (``close`` and, for an audited session, its audit; ``close`` alone on a failover)."""
 
-    def __init__(self, host: SessionHost, max_length: int) -> None:
-        self.host, self.max_length = host, max_length
+    def __init__(self, host: SessionHost, max_length: int, audited: bool | None = None, batch: int = 1) -> None:
+        self.host, self.max_length, self.batch = host, max_length, batch
+        self.receipts = host.config.wants_receipts
+        # drawn here, privately: servers see the same traffic from audited and other sessions
+        self.audit = SessionAudit() if (host.draw_audit() if audited is None else audited) and self.receipts else None
         self.position = 0
-        self.history: list[torch.Tensor] = []  # inputs of block 0, [1, tokens, hidden] each
+        self.history: list[torch.Tensor] = []  # inputs of block 0, [batch, tokens, hidden] each
         self.route: list[RouteHop] = []
         self.session_ids: list[str] = []
         self.hops: list[Hop] = []  # the route's hops with their session ids, as steps name them
@@ -87,13 +98,30 @@ class RemoteInferenceSession:
     async def _open_hop(self, hop: RouteHop, session_id: str, upstream: str | None) -> None:
         """Opens the session on one hop; its round trip updates the client's measured RTTs, which routing uses."""
         started = time.perf_counter()
-        request = OpenSessionRequest(session_id, hop.blocks, self.max_length, upstream)
-        await self.host.stub(hop.peer_id).open_session(request)
+        request = OpenSessionRequest(session_id, hop.blocks, self.max_length, upstream, self.batch)
+        certificate = await self.host.stub(hop.peer_id).open_session(request)
         self.host.view.record_rtt(hop.peer_id, time.perf_counter() - started)
+        if not self.receipts:
+            return
+        try:
+            if certificate is None:
+                raise RecordError("it sent no receipt certificate")
+            check_certificate(certificate, hop.peer_id)
+        except RecordError as error:
+            raise HopFailure(hop.peer_id, f"server {hop.peer_id} cannot sign receipts: {error}") from None
+        if self.audit is not None:
+            self.audit.add_hop(Hop(hop.peer_id, hop.blocks, session_id), certificate)
 
     async def close(self) -> None:
         await asyncio.gather(*(self.host.stub(hop.peer_id).close_session(session_id)
                                for hop, session_id in zip(self.route, self.session_ids)), return_exceptions=True)
+
+    async def finish(self) -> None:
+        """Closes the session for good; an audited one goes to the verifiers (in the background)."""
+        await self.close()
+        if self.audit is not None:
+            self.host.submit_audit(self.audit)
+            self.audit = None
 
     def step(self, hidden_states: torch.Tensor, relay: bool = False) -> torch.Tensor:
         """Runs ``hidden_states`` [1, tokens, hidden] through the chain; ``relay`` sends this step hop by hop
@@ -164,9 +192,9 @@ class RemoteInferenceSession:
         first = hops[0].peer_id
         try:
             step = StepRequest(hops[0].session_id, hops[0].span, position, wire_format, tuple(hops[1:]),
-                               Delivery(self.host.peer_id, step_id))
-            await self.host.stub(first).push_step(step, self.host.encode(hidden_states, wire_format),
-                                                  lambda reason: delivery.fail(step_id, first, reason), timeout)
+                               Delivery(self.host.peer_id, step_id), self.receipts)
+            sent = self.host.encode(hidden_states, wire_format)
+            await self.host.stub(first).push_step(step, sent, lambda reason: delivery.fail(step_id, first, reason), timeout)
             delivered, tensors = await delivery.wait(step_id, timeout)
         except asyncio.TimeoutError:
             raise HopFailure(None, f"no output from the chain within {timeout} s") from None
@@ -174,13 +202,26 @@ class RemoteInferenceSession:
             delivery.forget(step_id)
         if not delivered.reply.ok:
             raise HopFailure(delivered.reply.failed_peer, delivered.reply.error)
+        tensors = self._checked_outputs(hops, position, sent, delivered.reply.receipts, tensors, wire_format)
         return self._decode_answer(tensors, hops[-1].peer_id, wire_format)
 
+    def _checked_outputs(self, hops: list[Hop], position: int, sent: list, receipts, tensors: list, wire_format: str):
+        """The last hop's output tensors, its receipts checked when asked for; a mismatch in a chain blames
+        nobody (any hop after the culprit could have caused it) and the next step is relayed."""
+        self.host.bytes_received += codec.wire_bytes(tensors)
+        if not self.receipts:
+            return tensors
+        try:
+            return outputs_with_receipts(hops, position, sent, receipts, tensors, wire_format, self.audit)
+        except RecordError as error:
+            raise HopFailure(hops[0].peer_id if len(hops) == 1 else None, f"receipts do not hold: {error}") from None
+
     async def _call_hop(self, hop: Hop, rest: tuple[Hop, ...], hidden_states, position: int, wire_format: str):
-        request = StepRequest(hop.session_id, hop.span, position, wire_format, rest)
+        request = StepRequest(hop.session_id, hop.span, position, wire_format, rest, receipts=self.receipts)
         started = time.perf_counter()
-        tensors = await self.host.stub(hop.peer_id).step(request, self.host.encode(hidden_states, wire_format),
-                                                         self.host.config.request_timeout)
+        sent = self.host.encode(hidden_states, wire_format)
+        reply, tensors = await self.host.stub(hop.peer_id).step_answer(request, sent, self.host.config.request_timeout)
+        tensors = self._checked_outputs([hop, *rest], position, sent, reply.receipts, tensors, wire_format)
         if not rest and hidden_states.shape[1] == 1:  # a decode step of this hop alone: what routing should expect of it
             view = self.host.view
             view.record_step_time(hop.peer_id, max(0.0, time.perf_counter() - started - view.rtt.get(hop.peer_id, 0.0)),

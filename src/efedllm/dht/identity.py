@@ -28,9 +28,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.proto import crypto_pb2
-from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from efedllm.common.errors import EfedllmError, RecordError
+from efedllm.common.receipts import ReceiptCertificate
 from efedllm.dht.signed import owner_key
 
 OWNER_PREFIX, OWNER_SUFFIX = b"[owner:", b"]"
@@ -121,6 +122,23 @@ def peer_id_of_owner(owner_hex: str) -> str:
     encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
     digest = multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256"))
     return base58.b58encode(digest).decode()
+
+
+def certify_receipt_key(identity: Identity, receipt_key: bytes, dtype: str, issued_at: float) -> ReceiptCertificate:
+    """A certificate, signed with ``identity``'s key, that ``receipt_key`` signs this peer's step receipts."""
+    unsigned = ReceiptCertificate(identity.peer_id, identity.owner_key, receipt_key, dtype, issued_at)
+    return ReceiptCertificate(**{**unsigned.to_wire(), "signature": identity.private_key.sign(unsigned.signed_bytes())})
+
+
+def check_certificate(certificate: ReceiptCertificate, peer_id: str | None = None) -> None:
+    """RecordError unless ``certificate`` is signed by the identity key of its peer (and that peer is ``peer_id``)."""
+    if peer_id is not None and certificate.peer_id != peer_id:
+        raise RecordError(f"receipt certificate of {certificate.peer_id}, expected one of {peer_id}")
+    if peer_id_of_owner(certificate.owner_key) != certificate.peer_id:
+        raise RecordError(f"receipt certificate of {certificate.peer_id} is signed by another peer's key")
+    owner = bytes.fromhex(certificate.owner_key)[len(OWNER_PREFIX):-len(OWNER_SUFFIX)]
+    if not RSAPublicKey.from_bytes(owner).verify(certificate.signed_bytes(), certificate.signature):
+        raise RecordError(f"receipt certificate of {certificate.peer_id} has a bad signature")
 
 
 def start_dht(identity: Identity, identity_path: Path | None = None, **kwargs) -> DHT:

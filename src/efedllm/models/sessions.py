@@ -58,15 +58,20 @@ class SpanSessions:
     def cached_tokens(self) -> int:
         return sum(session.length for session in list(self._sessions.values()))
 
-    def open(self, session_id: str, max_length: int, blocks: Span | None = None, batch: int = 1) -> Session:
-        blocks = blocks or self.model.span
+    def check_open(self, session_id: str, max_length: int, blocks: Span) -> None:
+        """SpanInputError unless a session could be opened so (capacity aside): what a server checks before
+        it evicts anything to make room."""
         if not self.model.span.contains(blocks):
             raise SpanInputError(f"blocks {blocks} are not inside this server's span {self.model.span}")
         if not 1 <= max_length <= self.max_length_limit:
             raise SpanInputError(f"max_length {max_length} must be between 1 and {self.max_length_limit}")
+        if session_id in self._sessions:
+            raise SpanInputError(f"session {session_id!r} is already open")
+
+    def open(self, session_id: str, max_length: int, blocks: Span | None = None, batch: int = 1) -> Session:
+        blocks = blocks or self.model.span
         with self._lock:
-            if session_id in self._sessions:
-                raise SpanInputError(f"session {session_id!r} is already open")
+            self.check_open(session_id, max_length, blocks)
             if len(self._sessions) >= self.max_sessions:
                 raise SpanInputError(f"server is full: {self.max_sessions} sessions open")
             session = Session(session_id, blocks, max_length, self.model.new_cache(), batch=batch)

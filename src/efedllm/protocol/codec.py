@@ -44,6 +44,15 @@ def encode_hidden(hidden_states: torch.Tensor, wire_format: str) -> list:
     return [serialize_torch_tensor(hidden_states.to(getattr(torch, wire_format)))]
 
 
+def hidden_groups(tensors, wire_format: str) -> list[list]:
+    """Serialised tensors holding several hidden states one after another -> one list per hidden state."""
+    size = 2 if check_wire_format(wire_format) == "int8" else 1
+    tensors = list(tensors)
+    if not tensors or len(tensors) % size:
+        raise RecordError(f"{len(tensors)} tensors are not whole {wire_format} hidden states ({size} tensor(s) each)")
+    return [tensors[index:index + size] for index in range(0, len(tensors), size)]
+
+
 def decode_hidden(tensors, wire_format: str, dtype: torch.dtype) -> torch.Tensor:
     """Serialised tensors -> hidden states in ``dtype``; raises RecordError on anything malformed."""
     check_wire_format(wire_format)
@@ -78,9 +87,9 @@ def pack_metadata(data) -> bytes:
     return msgpack.packb(data, use_bin_type=True)
 
 
-def unpack_metadata(raw: bytes) -> dict:
-    if len(raw) > MAX_METADATA_BYTES:
-        raise RecordError(f"metadata of {len(raw)} bytes exceeds {MAX_METADATA_BYTES}")
+def unpack_metadata(raw: bytes, max_bytes: int = MAX_METADATA_BYTES) -> dict:
+    if len(raw) > max_bytes:
+        raise RecordError(f"metadata of {len(raw)} bytes exceeds {max_bytes}")
     try:
         data = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as error:

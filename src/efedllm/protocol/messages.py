@@ -19,10 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
+from efedllm.common.receipts import ReceiptCertificate, StepReceipt
 from efedllm.common.records import Count, Identifier, Items, PeerId, Positive, Text, WireRecord, require
 from efedllm.common.spans import Span
 
-WIRE_VERSION = 4  # 4: sessions are owned (upstream, batch at open), chains visit a peer once; 3: typed replies
+WIRE_VERSION = 5  # 5: step receipts (common.receipts); 4: sessions are owned (upstream, batch at open), chains visit a peer once; 3: typed replies
 MAX_ROUTE_HOPS = 64
 MAX_ERROR_LENGTH = 4096
 WireFormat = Annotated[str, Text(16)]
@@ -61,6 +62,12 @@ class StepRequest(WireRecord, kind="step request", version=WIRE_VERSION):
     is shorter rejects the step as out of order. ``next_hops`` is the rest of the chain that the
     server forwards its output to; empty means answer the caller. ``deliver_to`` (optional) makes
     the last hop send the output straight to that peer instead of back along the chain.
+
+    ``receipts`` asks every hop for a signed :class:`~efedllm.common.receipts.StepReceipt` and for
+    every hop's output to reach the requester: each hop then receives the outputs of the hops
+    before it (its input last) with their receipts in ``upstream_receipts``, checks that its input
+    is byte for byte what the previous receipt committed to, and passes them on with its own
+    output and receipt; the last hop answers all of them (:mod:`efedllm.server.handler`).
     """
 
     session_id: Identifier
@@ -69,16 +76,21 @@ class StepRequest(WireRecord, kind="step request", version=WIRE_VERSION):
     wire_format: WireFormat = "float32"
     next_hops: Annotated[tuple[Hop, ...], Items(maximum=MAX_ROUTE_HOPS, noun="hops")] = ()
     deliver_to: Delivery | None = None
+    receipts: bool = False
+    upstream_receipts: Annotated[tuple[StepReceipt, ...], Items(maximum=MAX_ROUTE_HOPS, noun="receipts")] = ()
 
     def check(self) -> None:
         peers = [hop.peer_id for hop in self.next_hops]
         require(len(set(peers)) == len(peers), "step request.next_hops visits a peer more than once (a loop)")
+        require(self.receipts or not self.upstream_receipts, "step request has upstream receipts but asks for none")
 
-    def for_next_hop(self) -> "StepRequest":
-        """The request this step's server sends on to ``next_hops[0]``."""
+    def for_next_hop(self, receipts: tuple[StepReceipt, ...] = ()) -> "StepRequest":
+        """The request this step's server sends on to ``next_hops[0]``, with the chain's ``receipts`` so far
+        (the upstream ones and its own) when receipts are asked for."""
         following = self.next_hops[0]
+        receipts = receipts if self.receipts else ()
         return StepRequest(following.session_id, following.span, self.position, self.wire_format, self.next_hops[1:],
-                           self.deliver_to)
+                           self.deliver_to, self.receipts, receipts)
 
 
 @dataclass(frozen=True)
@@ -105,11 +117,15 @@ class Reply(WireRecord, kind="reply", version=WIRE_VERSION):
     """A server's answer to a call: ``error`` is None when the call succeeded (its tensors travel beside it).
 
     ``failed_peer`` names the hop that failed when it is not the one answering (a step forwarded
-    along the chain whose next hop broke).
+    along the chain whose next hop broke). ``receipts``: a step's receipts, when asked for, one per
+    hop in chain order; ``certificate``: what an open-session reply carries, the server's
+    :class:`~efedllm.common.receipts.ReceiptCertificate`.
     """
 
     error: ErrorText | None = None
     failed_peer: PeerId | None = None
+    receipts: Annotated[tuple[StepReceipt, ...], Items(maximum=MAX_ROUTE_HOPS, noun="receipts")] = ()
+    certificate: ReceiptCertificate | None = None
 
     @property
     def ok(self) -> bool:

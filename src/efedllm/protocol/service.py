@@ -66,9 +66,10 @@ async def serve_span_service(p2p: P2P, implementation) -> None:
     """Registers ``implementation`` as this peer's span service: the unary handlers and both step streams.
 
     ``implementation`` has :class:`SpanService`'s ``rpc_*`` methods, with the same signatures, and
-    ``on_pushed_step(request, context)`` for ``STEP_PUSH`` (``efedllm.server.handler.SpanServicer``)."""
+    ``on_pushed_step(request, context)`` for ``STEP_PUSH`` (and may have ``on_streamed_step`` for ``STEP_STREAM``,
+    else ``rpc_step`` serves it) (``efedllm.server.handler.SpanServicer``)."""
     await SpanService().add_p2p_handlers(p2p, wrapper=implementation)
-    await serve_requests(p2p, STEP_STREAM, implementation.rpc_step)
+    await serve_requests(p2p, STEP_STREAM, getattr(implementation, "on_streamed_step", implementation.rpc_step))
     await serve_requests(p2p, STEP_PUSH, implementation.on_pushed_step, one_way=True)
 
 
@@ -95,15 +96,22 @@ class RemoteSpanStub:
         self.peer_id, self.steps, self.pushes = peer_id, steps, pushes
         self.stub = span_service_stub(p2p, peer_id)
 
-    async def open_session(self, request: OpenSessionRequest, timeout: float = 30.0) -> None:
-        await self._call("rpc_open_session", codec.request(request), timeout)
+    async def open_session(self, request: OpenSessionRequest, timeout: float = 30.0):
+        """Opens the session; returns the server's receipt certificate (None if it sent none)."""
+        reply, _ = await self._call("rpc_open_session", codec.request(request), timeout)
+        return reply.certificate
 
     async def close_session(self, session_id: str, timeout: float = 5.0) -> None:
         await self._call("rpc_close_session", codec.request(CloseSessionRequest(session_id)), timeout)
 
     async def step(self, step: StepRequest, tensors, timeout: float = 30.0) -> list:
         """The step's answer (the output tensors of the chain from this hop on, unless it delivers them)."""
-        return list((await self._call("rpc_step", codec.request(step, tensors), timeout)).tensors)
+        return (await self.step_answer(step, tensors, timeout))[1]
+
+    async def step_answer(self, step: StepRequest, tensors, timeout: float = 30.0) -> tuple[Reply, list]:
+        """The step's :class:`Reply` (with its receipts, when asked for) and its output tensors."""
+        reply, answer = await self._call("rpc_step", codec.request(step, tensors), timeout)
+        return reply, list(answer.tensors)
 
     async def push_step(self, step: StepRequest, tensors, on_lost: Callable[[str], None], timeout: float) -> None:
         """Sends a delivered step without waiting for any answer; ``on_lost(reason)`` if the stream breaks first."""
@@ -112,7 +120,8 @@ class RemoteSpanStub:
         except Exception as error:
             raise HopFailure(self.peer_id, f"sending a step to {self.peer_id} failed: {error!r}") from None
 
-    async def _call(self, method: str, request: runtime_pb2.ExpertRequest, timeout: float) -> runtime_pb2.ExpertResponse:
+    async def _call(self, method: str, request: runtime_pb2.ExpertRequest,
+                    timeout: float) -> tuple[Reply, runtime_pb2.ExpertResponse]:
         try:
             if method == "rpc_step" and self.steps is not None:
                 answer = await self.steps.call(self.peer_id, request, timeout)
@@ -126,4 +135,4 @@ class RemoteSpanStub:
         if not reply.ok:
             believed = reply.believed_from(self.peer_id)
             raise HopFailure(believed.failed_peer, believed.error)
-        return answer
+        return reply, answer

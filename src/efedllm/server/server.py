@@ -19,19 +19,20 @@ import torch
 from hivemind.utils import get_dht_time
 
 from efedllm import __version__
+from efedllm.common.receipts import ReceiptSigner
 from efedllm.common.spans import Span
 from efedllm.compression.calibration import compress_span
 from efedllm.dht.records import ServerInfo, ServerState
 from efedllm.dht.servers import announce, fetch_servers
-from efedllm.dht.identity import Identity, start_dht
+from efedllm.dht.identity import Identity, certify_receipt_key, start_dht
 from efedllm.dht.signed import owner_key
-from efedllm.dht.verdicts import deactivated_peers_in_dht
+from efedllm.dht.verdicts import deactivated_peers_in_dht, fetch_verdicts
 from efedllm.models.sessions import SpanSessions
 from efedllm.models.span import SpanModel, load_span
 from efedllm.models.weights import model_blocks
 from efedllm.server.block_selection import block_coverage, choose_move, choose_window
 from efedllm.server.config import ServerConfig
-from efedllm.server.faults import FaultMode, parse_fault
+from efedllm.server.faults import FaultMode, RuledFault, parse_fault
 from efedllm.server.handler import SpanServicer
 from efedllm.server.weights import check_compression, fetch_span_weights, span_from_payload
 
@@ -54,7 +55,7 @@ def measure_throughput(sessions, repeats: int = 8) -> float:
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.dht = self.p2p = self.servicer = self.sessions = self.validator = None
+        self.dht = self.p2p = self.servicer = self.sessions = self.validator = self.signer = self.certificate = None
         self.peer_id: str | None = None
         self.maddrs: list[str] = []
         self.span: Span | None = None
@@ -88,6 +89,8 @@ class Server:
         path = self.config.identity_path
         identity = Identity.load_or_create(path) if path is not None else Identity.generate()
         self.validator = identity.validator  # records are signed by the key the peer id derives from
+        self.signer = ReceiptSigner()  # a new receipt key each start, vouched for by the identity key
+        self.certificate = certify_receipt_key(identity, self.signer.public_bytes, self.config.dtype, time.time())
         self.dht = start_dht(identity, path, initial_peers=list(self.config.initial_peers) or None,
                              host_maddrs=self.config.host_maddrs)
         self.p2p = await self.dht.replicate_p2p()
@@ -122,7 +125,7 @@ class Server:
         compression = self.config.compression.signature() if self.config.compression else None
         policy = self.config.admission_policy(model.kv_bytes_per_token())
         self.servicer = SpanServicer(self.sessions, self.p2p, self._compute, policy, fault, self.config.wire_formats,
-                                     compression)
+                                     compression, self.signer, self.certificate)
         await self.servicer.start()
         self._announce(ServerState.ONLINE)
         self._write_ready_file()
@@ -185,6 +188,7 @@ class Server:
                 break
             self.servicer.close_idle_sessions(self.config.session_idle_timeout)
             await self._announce_periodically()
+            await self._look_for_verdicts()
             if self.config.rebalance and self.config.num_blocks and time.monotonic() >= next_rebalance:
                 next_rebalance = time.monotonic() + self.config.rebalance_interval
                 await self._maybe_move()
@@ -200,6 +204,14 @@ class Server:
             return
         if missed:
             logger.warning("announce reached no DHT node for %d of the %d blocks", missed, self.span.length)
+
+    async def _look_for_verdicts(self) -> None:
+        """Only a fault with the ``verdict`` rule asks: has any verifier judged this server yet?"""
+        if not (isinstance(self.fault, RuledFault) and self.fault.rules.verdict) or self.servicer.verdicts_seen:
+            return
+        verdicts = await asyncio.get_running_loop().run_in_executor(
+            None, fetch_verdicts, self.dht, self.config.model, [self.peer_id])
+        self.servicer.verdicts_seen = bool(verdicts)
 
     def info(self, state: ServerState) -> ServerInfo:
         free_tokens = 0

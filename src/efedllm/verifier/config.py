@@ -42,6 +42,12 @@ class VerifierConfig:
         trusted_verifier_keys: public keys (hex DER) whose verdicts clients and servers obey.
         quorum: how many trusted verifiers must agree to deactivate a server.
         verdict_max_age_s: verdicts older than this are ignored by clients and servers.
+        clawback_epochs: a proven lie (:mod:`efedllm.verifier.audit`) forfeits the liar's unpaid work and
+            claws back its credit of the current and this many previous epochs. Why that far: at the
+            client default ``audit_fraction`` 0.5 a cheater survives K of its corrupted sessions with
+            probability 0.5**K, so its lies are recent (7 sessions for 99%), but a cheater that lies
+            rarely can go on for long; a day of hourly epochs covers what a verifier can still
+            attribute without claiming credit that honest work of other days earned.
     """
 
     theta: float = 0.8
@@ -58,6 +64,7 @@ class VerifierConfig:
     trusted_verifier_keys: frozenset[str] = frozenset()
     quorum: QuorumRule = QuorumRule("majority")
     verdict_max_age_s: float = 600.0
+    clawback_epochs: int = 24
 
     def __post_init__(self) -> None:
         weights = self.weights.items() if isinstance(self.weights, Mapping) else self.weights
@@ -85,6 +92,8 @@ class VerifierConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not (isinstance(self.clawback_epochs, int) and self.clawback_epochs >= 0):
+            raise ValueError(f"clawback_epochs must be an integer >= 0, got {self.clawback_epochs!r}")
         if not (math.isfinite(self.reward_per_epoch) and self.reward_per_epoch >= 0):
             raise ValueError(f"reward_per_epoch must be a finite number >= 0, got {self.reward_per_epoch!r}")
         if not all(isinstance(key, str) and key for key in self.trusted_verifier_keys):

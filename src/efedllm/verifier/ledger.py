@@ -17,6 +17,19 @@ Crash safety comes from SQLite, not from care in this module:
   second copy that could disagree.
 
 Work cannot be recorded into an epoch that is already closed (it would never be paid).
+
+A *clawback* (:meth:`Ledger.claw_back`) takes back what a server earned once a verifier holds
+signed proof that it lied. How far back is the caller's choice, ``since_epoch``: from that epoch
+on, the server's unpaid work in epochs not closed yet is forfeited (deleted from ``work``, so
+closing those epochs pays it nothing and pays the others as if it had done none), and each of its
+positive credits in closed epochs is clawed back. Both land in the ``clawbacks`` table, in one
+transaction; the ``credits`` rows stay as history, and every balance is credits minus clawbacks,
+again computed as sums. A credit is clawed back at most once (a unique index on
+``(peer_id, epoch)`` for credit clawbacks), so repeating a clawback takes nothing twice; work
+recorded into an open epoch after a clawback is forfeited by the next one, beside the first.
+
+The schema's version is SQLite's ``user_version``. Opening an older file upgrades it in place, in
+one transaction (version 1 lacked ``clawbacks``); a file from a newer efedllm is refused.
 """
 
 from __future__ import annotations
@@ -32,9 +45,7 @@ from typing import AbstractSet, Callable, Iterator, Mapping
 from efedllm.common.errors import EfedllmError
 from efedllm.verifier.trust import reward_shares
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS work (
     id INTEGER PRIMARY KEY,
     epoch INTEGER NOT NULL CHECK (epoch >= 0),
@@ -60,6 +71,37 @@ CREATE TABLE IF NOT EXISTS credits (
     PRIMARY KEY (epoch, peer_id)
 );
 """
+
+# Version 2 adds clawbacks and deactivations (peers proven to lie, deactivated for good). kind 'work': unpaid work of an open epoch was forfeited (amount 0,
+# work = the tokens x blocks deleted); kind 'credit': a closed epoch's credit was taken back
+# (amount = that credit's amount, work = the work it had paid for).
+_SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS clawbacks (
+    id INTEGER PRIMARY KEY,
+    peer_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL CHECK (epoch >= 0),
+    kind TEXT NOT NULL CHECK (kind IN ('work', 'credit')),
+    amount REAL NOT NULL CHECK ((kind = 'work' AND amount = 0) OR (kind = 'credit' AND amount > 0)),
+    work INTEGER NOT NULL CHECK (work >= 0),
+    reason TEXT NOT NULL,
+    clawed_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS clawbacks_one_per_credit ON clawbacks (peer_id, epoch) WHERE kind = 'credit';
+CREATE INDEX IF NOT EXISTS clawbacks_by_peer ON clawbacks (peer_id, epoch);
+CREATE TABLE IF NOT EXISTS deactivations (
+    peer_id TEXT PRIMARY KEY NOT NULL,
+    reason TEXT NOT NULL,
+    deactivated_at REAL NOT NULL
+);
+"""
+
+SCHEMA_VERSION = 2
+
+# What each version adds to the one before it: a file at version v gets the steps above v. Every
+# step is idempotent (IF NOT EXISTS) because an older efedllm opening the file at the same moment
+# may write its own, lower, user_version back; the next open then runs the step again, harmlessly.
+_SCHEMA_STEPS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+MAX_REASON_LENGTH = 500
 
 
 class LedgerError(EfedllmError, RuntimeError):
@@ -87,11 +129,38 @@ class EpochClose:
 
 @dataclass(frozen=True)
 class Balance:
+    """A server's standing: ``balance`` is its credits minus ``clawed_back``; work is tokens x blocks."""
+
     peer_id: str
     balance: float
     credited_work: int
     pending_work: int
     epochs: int
+    clawed_back: float = 0.0
+    forfeited_work: int = 0
+
+
+@dataclass(frozen=True)
+class Clawback:
+    """The outcome of one :meth:`Ledger.claw_back`: what it took now (zeros when it had all been taken before)."""
+
+    peer_id: str
+    epochs: tuple[int, ...]
+    unpaid_work_forfeited: int
+    credit_clawed_back: float
+
+
+@dataclass(frozen=True)
+class ClawbackRecord:
+    """One row of the ``clawbacks`` table: ``kind`` is ``"work"`` (forfeited, amount 0) or ``"credit"``."""
+
+    peer_id: str
+    epoch: int
+    kind: str
+    amount: float
+    work: int
+    reason: str
+    clawed_at: float
 
 
 def default_ledger_path() -> Path:
@@ -116,6 +185,21 @@ def _check_count(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _check_reason(reason: object) -> str:
+    # The reason is the audit trail of a clawback: it must say something, and stay short enough
+    # to print (the signed proof itself belongs elsewhere; the reason can point at it).
+    if not (isinstance(reason, str) and reason.strip() and len(reason) <= MAX_REASON_LENGTH):
+        limit = MAX_REASON_LENGTH
+        raise ValueError(f"reason must be a non-blank string of at most {limit} characters, got {reason!r:.80}")
+    return reason
+
+
+def _check_time(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite timestamp >= 0, got {value!r}")
+    return float(value)
 
 
 class Ledger:
@@ -150,16 +234,38 @@ class Ledger:
             version = connection.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as error:
             raise LedgerError(f"{self.path} is not a SQLite ledger: {error}") from None
-        if version > SCHEMA_VERSION:
-            raise LedgerError(f"{self.path} has ledger schema {version}; this version reads up to {SCHEMA_VERSION}")
+        self._refuse_newer(version)
         mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise LedgerError(f"{self.path}: could not switch to WAL journaling (got {mode!r})")
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute("PRAGMA foreign_keys=ON")
-        connection.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        if version < SCHEMA_VERSION:
+            self._upgrade(connection)
         if self._trace is not None:
             connection.set_trace_callback(self._trace)
+
+    def _refuse_newer(self, version: int) -> None:
+        # A newer efedllm's tables may mean things this one does not know; writing to them could corrupt them.
+        if version > SCHEMA_VERSION:
+            raise LedgerError(f"{self.path} has ledger schema {version}; this version reads up to {SCHEMA_VERSION}")
+
+    def _upgrade(self, connection: sqlite3.Connection) -> None:
+        """Bring the schema to :data:`SCHEMA_VERSION` in one transaction: all steps and the new version, or none."""
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            # Read again under the write lock: another process may have upgraded the file meanwhile.
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            self._refuse_newer(version)
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                # One execute() per statement: executescript() would commit the open transaction first.
+                for statement in filter(str.strip, _SCHEMA_STEPS[step].split(";")):
+                    connection.execute(statement)
+            connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
 
     def close(self) -> None:
         if self._connection is not None:
@@ -264,25 +370,110 @@ class Ledger:
         )
         return tuple(Credit(e, p, int(w), float(s), bool(a), float(m)) for e, p, w, s, a, m in rows)
 
-    def balances(self) -> list[Balance]:
-        """Every server's credited total, credited and not-yet-credited work, and epochs credited."""
-        credited = {
-            peer: (amount, work, epochs)
-            for peer, amount, work, epochs in self.connection.execute(
-                "SELECT peer_id, SUM(amount), SUM(work), COUNT(*) FROM credits GROUP BY peer_id"
+    def claw_back(self, peer_id: str, since_epoch: int, reason: str, at: float | None = None) -> Clawback:
+        """Take back what ``peer_id`` earned from ``since_epoch`` on, in one transaction, for ``reason``.
+
+        Its work in epochs >= ``since_epoch`` not closed yet is forfeited (deleted, so closing them
+        pays it nothing); its credits with amount > 0 in closed epochs >= ``since_epoch`` are clawed
+        back. ``at`` (default now) dates the clawback rows. A credit already clawed back is skipped,
+        so calling this again takes only what was earned since.
+        """
+        _check_peer_id(peer_id)
+        _check_count("since_epoch", since_epoch, 0)
+        _check_reason(reason)
+        at = time.time() if at is None else _check_time("at", at)
+        with self._transaction() as connection:
+            forfeited = self._forfeit_open_work(connection, peer_id, since_epoch, reason, at)
+            clawed = self._claw_back_credits(connection, peer_id, since_epoch, reason, at)
+        epochs = tuple(sorted(forfeited.keys() | clawed.keys()))
+        return Clawback(peer_id, epochs, sum(forfeited.values()), math.fsum(clawed.values()))
+
+    def _forfeit_open_work(self, connection, peer_id, since_epoch, reason, at) -> dict[int, int]:
+        """Delete the peer's work of open epochs >= ``since_epoch``; ``epoch -> work`` deleted."""
+        # Closed epochs keep their work rows: they are the history behind their credits.
+        where = "peer_id = ? AND epoch >= ? AND epoch NOT IN (SELECT epoch FROM epochs)"
+        forfeited = {
+            epoch: int(work)
+            for epoch, work in connection.execute(
+                f"SELECT epoch, SUM(tokens * blocks) FROM work WHERE {where} GROUP BY epoch ORDER BY epoch",
+                (peer_id, since_epoch),
             )
         }
-        pending = dict(
-            self.connection.execute(
-                "SELECT peer_id, SUM(tokens * blocks) FROM work "
-                "WHERE epoch NOT IN (SELECT epoch FROM epochs) GROUP BY peer_id"
-            ).fetchall()
+        connection.execute(f"DELETE FROM work WHERE {where}", (peer_id, since_epoch))
+        for epoch, work in forfeited.items():
+            connection.execute(
+                "INSERT INTO clawbacks (peer_id, epoch, kind, amount, work, reason, clawed_at) "
+                "VALUES (?, ?, 'work', 0, ?, ?, ?)",
+                (peer_id, epoch, work, reason, at),
+            )
+        return forfeited
+
+    def _claw_back_credits(self, connection, peer_id, since_epoch, reason, at) -> dict[int, float]:
+        """Claw back the peer's positive credits of closed epochs >= ``since_epoch`` not clawed back yet."""
+        rows = connection.execute(
+            "SELECT epoch, amount, work FROM credits WHERE peer_id = ? AND epoch >= ? AND amount > 0 "
+            "AND NOT EXISTS (SELECT 1 FROM clawbacks AS c "
+            "WHERE c.kind = 'credit' AND c.peer_id = credits.peer_id AND c.epoch = credits.epoch) ORDER BY epoch",
+            (peer_id, since_epoch),
+        ).fetchall()
+        for epoch, amount, work in rows:
+            # The unique index on credit clawbacks would refuse a second row even if this query did not skip it.
+            connection.execute(
+                "INSERT INTO clawbacks (peer_id, epoch, kind, amount, work, reason, clawed_at) "
+                "VALUES (?, ?, 'credit', ?, ?, ?, ?)",
+                (peer_id, epoch, amount, work, reason, at),
+            )
+        return {epoch: float(amount) for epoch, amount, _ in rows}
+
+    def record_deactivation(self, peer_id: str, reason: str, at: float | None = None) -> None:
+        """Remembers for good that ``peer_id`` was deactivated for ``reason`` (a proven lie); the first reason stays."""
+        _check_peer_id(peer_id)
+        _check_reason(reason)
+        at = time.time() if at is None else _check_time("at", at)
+        with self._transaction() as connection:
+            connection.execute("INSERT OR IGNORE INTO deactivations (peer_id, reason, deactivated_at) VALUES (?, ?, ?)",
+                               (peer_id, reason, at))
+
+    def deactivations(self) -> dict[str, str]:
+        """Every peer deactivated for good: peer id -> reason."""
+        return dict(self.connection.execute("SELECT peer_id, reason FROM deactivations ORDER BY deactivated_at"))
+
+    def clawbacks(self, peer_id: str | None = None) -> tuple[ClawbackRecord, ...]:
+        """Every clawback row (of ``peer_id`` only, when given), oldest first."""
+        query = "SELECT peer_id, epoch, kind, amount, work, reason, clawed_at FROM clawbacks"
+        rows = self.connection.execute(
+            query + (" WHERE peer_id = ?" if peer_id is not None else "") + " ORDER BY id",
+            (peer_id,) if peer_id is not None else (),
         )
+        return tuple(ClawbackRecord(p, e, k, float(m), int(w), r, float(t)) for p, e, k, m, w, r, t in rows)
+
+    def balances(self) -> list[Balance]:
+        """Every server's balance (credits minus clawbacks), clawed-back total, work and epochs credited."""
+        credited = self._credited_by_peer()
+        pending = self._sum_by_peer(
+            "SELECT peer_id, SUM(tokens * blocks) FROM work "
+            "WHERE epoch NOT IN (SELECT epoch FROM epochs) GROUP BY peer_id"
+        )
+        forfeited = self._sum_by_peer("SELECT peer_id, SUM(work) FROM clawbacks WHERE kind = 'work' GROUP BY peer_id")
         rows = []
-        for peer in sorted(credited.keys() | pending.keys()):
-            amount, work, epochs = credited.get(peer, (0.0, 0, 0))
-            rows.append(Balance(peer, float(amount), int(work), int(pending.get(peer, 0)), int(epochs)))
+        for peer in sorted(credited.keys() | pending.keys() | forfeited.keys()):
+            amount, clawed, work, epochs = credited.get(peer, (0.0, 0.0, 0, 0))
+            rows.append(Balance(peer, amount, work, pending.get(peer, 0), epochs, clawed, forfeited.get(peer, 0)))
         return rows
+
+    def _credited_by_peer(self) -> dict[str, tuple[float, float, int, int]]:
+        """``peer_id -> (credits minus clawbacks, clawed back, credited work, epochs credited)``."""
+        # Each credit is netted against its own clawback before summing, so a fully clawed-back
+        # server's balance is exactly 0.0 rather than the rounding left by two sums in different orders.
+        rows = self.connection.execute(
+            "SELECT credits.peer_id, SUM(credits.amount - COALESCE(c.amount, 0)), SUM(COALESCE(c.amount, 0)), "
+            "SUM(credits.work), COUNT(*) FROM credits LEFT JOIN clawbacks AS c "
+            "ON c.kind = 'credit' AND c.peer_id = credits.peer_id AND c.epoch = credits.epoch GROUP BY credits.peer_id"
+        )
+        return {peer: (float(net), float(clawed), int(work), int(n)) for peer, net, clawed, work, n in rows}
+
+    def _sum_by_peer(self, query: str) -> dict[str, int]:
+        return {peer: int(total) for peer, total in self.connection.execute(query)}
 
     def epochs(self, limit: int = 20) -> list[dict]:
         """The ``limit`` most recently closed epochs, newest first, each with its credits."""

@@ -18,22 +18,33 @@ One round (:meth:`Verifier.run_round`):
    (:func:`~efedllm.verifier.trust.decide_trust`), publish one signed verdict per server;
 5. credit the tokens × blocks of passed probes in the ledger and close finished epochs.
 
-The verified work credited is the probes' own work: a verifier sees no client traffic.
+Audits (:mod:`efedllm.verifier.audit`): clients send whole sessions of real traffic with their
+servers' signed receipts to ``rpc_audit``; the verifier recomputes them and answers a verdict. A
+proven lie deactivates the server at once (a verdict is published before the answer) and for good,
+and at the next round its unpaid work is forfeited and its credit of the last
+``clawback_epochs`` epochs clawed back; a clean audit credits the session's work. Verified work is
+the passed probes' and the clean audits'.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
 import logging
+import queue
 import random
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import AsyncIterator
 
 import torch
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import P2PContext
+from hivemind.proto import runtime_pb2
 
 from efedllm.common.background import BackgroundLoop
 from efedllm.common.dtypes import dtype_name
@@ -47,13 +58,16 @@ from efedllm.dht.verdicts import publish_verdict
 from efedllm.models.comparison import ProbeComparison, Tolerances, compare_outputs
 from efedllm.models.span import load_client_parts, load_span
 from efedllm.protocol import codec
+from efedllm.protocol.audit import AuditService, AuditVerdict, read_audit
 from efedllm.protocol.messages import OpenSessionRequest, StepRequest
 from efedllm.protocol.service import HopFailure, RemoteSpanStub
+from efedllm.verifier.audit import AuditOutcome, judge_audit
 from efedllm.verifier.config import DEFAULT_PROBE_DECODE_STEPS, SAME_DTYPE_TOLERANCES, VerifierConfig
 from efedllm.verifier.ledger import Ledger, epoch_of
 from efedllm.verifier.trust import ProbeWindow, ServerEvidence, TrustDecision, decide_trust
 
 logger = logging.getLogger(__name__)
+PROVEN_LIE = "proven lie"  # how a proven lie's deactivation and clawbacks begin their reason
 FALLBACK_TEXT = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
     "the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. Locally nicknamed "
@@ -215,6 +229,11 @@ class Verifier:
         self.loop = BackgroundLoop("efedllm-verifier-loop")
         self.validator: RSASignatureValidator | None = None
         self.key: str | None = None
+        self.proven_liars: dict[str, str] = {}  # peer id -> the proof's description; deactivated for good
+        self.audit_outcomes: list[AuditOutcome] = []
+        self._audits_to_book: queue.SimpleQueue = queue.SimpleQueue()  # judged on the loop, booked in the ledger here
+        self._auditing: set[str] = set()  # requesters with an audit in flight: one each, so nobody floods the verifier
+        self._audit_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> "Verifier":
@@ -223,6 +242,7 @@ class Verifier:
         self.reference = load_span(self.config.model, 0, self.parts.config.num_hidden_layers)
         self._passages = load_passages(self.config.corpus_path or default_corpus_path())
         self.ledger = Ledger(self.config.decisions.ledger_path).open()
+        self.proven_liars = self.ledger.deactivations()
         path = self.config.identity_path
         identity = Identity.load_or_create(path) if path is not None else Identity.generate()
         self.validator, self.key = identity.validator, identity.owner_key  # the same key after a restart
@@ -230,6 +250,7 @@ class Verifier:
                              host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.port}"])
         self.loop.start()
         self.p2p = self.loop.run(self.dht.replicate_p2p())
+        self.loop.run(AuditService().add_p2p_handlers(self.p2p, wrapper=self))
         return self
 
     def run(self, on_round=None) -> None:
@@ -255,6 +276,7 @@ class Verifier:
 
     def shutdown(self) -> None:
         self.loop.shutdown()
+        self._audit_executor.shutdown(wait=False, cancel_futures=True)
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
@@ -274,6 +296,7 @@ class Verifier:
         self._random.shuffle(online)
         online = self._suspects_first(online)
         trace = trace or self.prepare_trace()
+        self.book_audits()
         bytes_before = self.probe_bytes
         outcomes = tuple(self.loop.run(self._probe_all(online, trace)))
         for outcome in outcomes:
@@ -342,9 +365,7 @@ class Verifier:
         """A server that announces the reference's own dtype runs the very same arithmetic, so it is
         held to rounding-level agreement; one in a lower precision gets the calibrated tolerances.
         (Announcing a lower precision buys slack of bfloat16's size, no more.)"""
-        if info.dtype == dtype_name(self.reference.dtype):
-            return SAME_DTYPE_TOLERANCES
-        return self.config.decisions.tolerances
+        return self._tolerances_for_dtype(info.dtype)
 
     async def _send_probe(self, info: ServerInfo, trace: ReferenceTrace) -> torch.Tensor:
         """The probe, as a client would send it; returns the server's outputs [1, tokens, hidden]."""
@@ -380,7 +401,7 @@ class Verifier:
             passed, probes = self.window.counts(info.peer_id)
             evidence.append(ServerEvidence(info.peer_id, info.span.length, passed, probes,
                                            self.config.decisions.weight(info.peer_id), self.active.get(info.peer_id, True)))
-        decisions = decide_trust(evidence, self.config.decisions.make_policy())
+        decisions = [self._proven(decision) for decision in decide_trust(evidence, self.config.decisions.make_policy())]
         self.active.update({decision.peer_id: decision.active for decision in decisions})
         self.scores = {decision.peer_id: decision.score for decision in decisions}
         return decisions
@@ -399,11 +420,78 @@ class Verifier:
         """Passed probes are verified work; closing the epoch pays only servers active by then."""
         epoch = epoch_of(time.time(), self.config.decisions.epoch_seconds)
         for outcome in outcomes:
-            if outcome.passed:
+            if outcome.passed and outcome.peer_id not in self.proven_liars:
                 self.ledger.record_work(outcome.peer_id, outcome.tokens, outcome.span.length, epoch)
+
+    # audits of real traffic -----------------------------------------------------------------
+    async def rpc_audit(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                        context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """One server's session from a client (``efedllm.protocol.audit``): judged, acted on, answered."""
+        requester = context.remote_id.to_base58()
+        if requester in self._auditing:
+            return codec.response(AuditVerdict("invalid", "one audit at a time per peer"))
+        self._auditing.add(requester)
+        try:
+            outcome = await self._judge(requests)
+        finally:
+            self._auditing.discard(requester)
+        return codec.response(AuditVerdict(outcome.verdict, outcome.reason[:4096], outcome.step))
+
+    async def _judge(self, requests) -> AuditOutcome:
+        loop = asyncio.get_running_loop()
+        try:
+            request, tensors = await read_audit(requests)
+            if request.model != self.config.model:
+                raise RecordError(f"this verifier audits {self.config.model}, not {request.model}")
+            outcome = await loop.run_in_executor(self._audit_executor, judge_audit, request, tensors, self.reference,
+                                                 self._tolerances_for_dtype)
+        except RecordError as error:
+            return AuditOutcome("", None, "invalid", str(error))
+        except Exception as error:  # a bug must not end the verifier's other work
+            logger.exception("an audit failed")
+            return AuditOutcome("", None, "invalid", f"{type(error).__name__}: {error}")
+        self.audit_outcomes.append(outcome)
+        logger.info("audit of %s: %s %s", outcome.peer_id, outcome.verdict, outcome.reason)
+        if outcome.verdict == "lie":
+            await loop.run_in_executor(None, self._act_on_lie, outcome)
+        self._audits_to_book.put(outcome)
+        return outcome
+
+    def _act_on_lie(self, outcome: AuditOutcome) -> None:
+        """Deactivates a proven liar for good and publishes that at once."""
+        logger.warning("proven lie by %s: %s", outcome.peer_id, outcome.reason)
+        self.proven_liars[outcome.peer_id] = f"{PROVEN_LIE}: {outcome.reason}"[:500]
+        self.active[outcome.peer_id] = False
+        passed, probes = self.window.counts(outcome.peer_id)
+        decision = TrustDecision(outcome.peer_id, 0.0, 0.0, False, passed, probes, 0.0, 0.0)
+        self._publish([decision])
+
+    def _proven(self, decision: TrustDecision) -> TrustDecision:
+        """A proven liar stays inactive with score 0, whatever its probes say."""
+        if decision.peer_id not in self.proven_liars:
+            return decision
+        return dataclasses.replace(decision, score=0.0, active=False)
+
+    def book_audits(self) -> None:
+        """In the ledger (this thread's): clean audits' work, and for each proven liar the clawback."""
+        epoch = epoch_of(time.time(), self.config.decisions.epoch_seconds)
+        while not self._audits_to_book.empty():
+            outcome = self._audits_to_book.get()
+            if outcome.verdict == "lie":
+                since = max(0, epoch - self.config.decisions.clawback_epochs)
+                self.ledger.record_deactivation(outcome.peer_id, self.proven_liars[outcome.peer_id])
+                self.ledger.claw_back(outcome.peer_id, since, self.proven_liars[outcome.peer_id])
+            elif outcome.verdict == "clean" and outcome.peer_id not in self.proven_liars:
+                self.ledger.record_work(outcome.peer_id, outcome.work, outcome.span.length, epoch)
+
+    def _tolerances_for_dtype(self, dtype: str) -> Tolerances:
+        if dtype == dtype_name(self.reference.dtype):
+            return SAME_DTYPE_TOLERANCES
+        return self.config.decisions.tolerances
 
     def close_finished_epochs(self) -> list:
         """Credit every epoch that has ended and holds work, with the current scores and activation."""
+        self.book_audits()
         current = epoch_of(time.time(), self.config.decisions.epoch_seconds)
         active = {peer for peer, is_active in self.active.items() if is_active}
         return [self.ledger.close_epoch(epoch, self.scores, active, self.config.decisions.reward_per_epoch)

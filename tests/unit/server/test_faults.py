@@ -8,7 +8,20 @@ from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from efedllm.models.comparison import compare_outputs, token_metrics
-from efedllm.server.faults import FaultMode, IdentityBlock, IntermittentFault, NoiseFault, SkipBlocksFault, parse_fault
+from efedllm.server.faults import (
+    FAULT_HELP,
+    FaultMode,
+    FaultRules,
+    IdentityBlock,
+    IntermittentFault,
+    NoiseFault,
+    RuledFault,
+    SkipBlocksFault,
+    SlowFault,
+    StepContext,
+    ZerosFault,
+    parse_fault,
+)
 
 CONFIG = LlamaConfig(
     hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4, vocab_size=32
@@ -151,3 +164,196 @@ def test_bad_specs_raise_clear_errors(spec, message):
 @pytest.mark.parametrize("spec", ["none", "noise:0.01", "zeros", "random", "skip-blocks", "skip-blocks:2", "wrong-model", "intermittent:0.5", "slow:100"])
 def test_good_specs_round_trip(spec):
     assert parse_fault(spec).spec == spec
+
+
+# --- rules: MODE;RULE;RULE... (pure, hand-built StepContexts) ---
+
+
+def context(**changes):
+    """A plain decode step: the 6th of a 256-token, one-row session, arrived on a stream, no verdict seen."""
+    fields = dict(step_index=5, position=40, tokens=1, rows=1, max_length=256, path="stream", verdicts_seen=False)
+    return StepContext(**{**fields, **changes})
+
+
+OUTPUTS = torch.randn(2, 3, 8)
+
+
+@pytest.mark.parametrize(
+    "spec, normalised",
+    [
+        ("noise:0.1;after=10;share=0.1", "noise:0.1;after=10;share=0.1"),
+        (" noise:0.10 ; share=0.50 ;after=010 ", "noise:0.1;after=10;share=0.5"),  # canonical rule order
+        ("zeros;push;verdict;batch;prefill=16;longer=512;after=0", "zeros;after=0;longer=512;prefill=16;batch;verdict;push"),
+        ("random;share=1", "random;share=1"),
+        ("intermittent:0.5;verdict", "intermittent:0.5;verdict"),
+        ("zeros;after=1000000;prefill=+7", "zeros;after=1000000;prefill=7"),  # N stays an integer, never 1e+06
+    ],
+)
+def test_rule_specs_parse_and_normalise(spec, normalised):
+    fault = parse_fault(spec, seed=3)
+    assert isinstance(fault, RuledFault) and fault.spec == normalised and fault.seed == 3
+    assert parse_fault(normalised).spec == normalised
+    assert fault.inner.spec == normalised.split(";")[0]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("noise:0.1;sometimes", r"unknown rule 'sometimes'; known rules: after=N, longer=N, prefill=N, batch, verdict, push, share=P"),
+        ("noise:0.1;", "unknown rule ''"),
+        ("noise:0.1;after", "rule 'after' needs a value N"),
+        ("noise:0.1;longer=", "rule 'longer' needs a value N"),
+        ("noise:0.1;prefill=many", "rule prefill=N needs an integer N >= 0, got 'many'"),
+        ("noise:0.1;after=1.5", "rule after=N needs an integer N >= 0, got '1.5'"),
+        ("noise:0.1;after=-1", r"rule after=N needs an integer N >= 0, got '-1'"),
+        ("noise:0.1;share", "rule 'share' needs a value P"),
+        ("noise:0.1;share=0", r"share=P needs P in \(0, 1\]"),
+        ("noise:0.1;share=1.5", r"share=P needs P in \(0, 1\]"),
+        ("noise:0.1;share=-0.1", r"share=P needs P in \(0, 1\]"),
+        ("noise:0.1;share=half", "share P must be a number, got 'half'"),
+        ("noise:0.1;share=nan", "share P must be finite"),
+        ("noise:0.1;after=1;after=2", "rule 'after' given twice"),
+        ("noise:0.1;batch=3", "rule 'batch' takes no value"),
+        ("noise:0.1;push=yes", "rule 'push' takes no value"),
+        ("none;after=1", "rules need an output-corrupting mode"),
+        ("slow:100;after=1", "rules need an output-corrupting mode"),
+        ("announce:1e6;verdict", "rules need an output-corrupting mode"),
+        ("skip-blocks;batch", "rules need an output-corrupting mode"),
+        ("wrong-model;share=0.5", "rules need an output-corrupting mode"),
+        ("noise:-1;after=1", "SIGMA must be > 0"),  # the mode is checked first
+        ("gremlins;after=1", "unknown mode 'gremlins'"),
+    ],
+)
+def test_bad_rules_raise_clear_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_fault(spec)
+
+
+def test_ruled_fault_only_wraps_output_corrupting_modes():
+    with pytest.raises(ValueError, match="output-corrupting"):
+        RuledFault(SlowFault(10), FaultRules(after=1))
+    fault = RuledFault(ZerosFault(), FaultRules(batch=True, share=0.25), seed=1)
+    assert fault.spec == "zeros;batch;share=0.25" and parse_fault(fault.spec).rules == fault.rules
+    for bad in (dict(after=-1), dict(longer=-3), dict(share=0.0), dict(share=2.0)):
+        with pytest.raises(ValueError, match="FaultRules needs N >= 0 and 0 < share <= 1"):
+            FaultRules(**bad)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(step_index=-1), "step_index must be a non-negative int"),
+        (dict(tokens=1.0), "tokens must be a non-negative int"),
+        (dict(rows=True), "rows must be a non-negative int"),
+        (dict(max_length=-5), "max_length must be a non-negative int"),
+        (dict(position="3"), "position must be a non-negative int"),
+        (dict(path="carrier-pigeon"), "path must be one of push, stream, unary"),
+        (dict(verdicts_seen=1), "verdicts_seen must be a bool"),
+    ],
+)
+def test_step_context_is_validated(changes, message):
+    with pytest.raises(ValueError, match=message):
+        context(**changes)
+
+
+def test_step_context_is_frozen():
+    with pytest.raises(AttributeError):
+        context().step_index = 7
+
+
+@pytest.mark.parametrize(
+    "rule, ineligible, eligible",
+    [
+        ("after=10", dict(step_index=9), dict(step_index=10)),
+        ("after=0", None, dict(step_index=0)),
+        ("longer=256", dict(max_length=256), dict(max_length=257)),
+        ("prefill=16", dict(tokens=16), dict(tokens=17)),
+        ("batch", dict(rows=1), dict(rows=2)),
+        ("verdict", dict(verdicts_seen=False), dict(verdicts_seen=True)),
+        ("push", dict(path="stream"), dict(path="push")),
+        ("push", dict(path="unary"), dict(path="push")),
+    ],
+)
+def test_each_rule_decides_eligibility(rule, ineligible, eligible):
+    fault = parse_fault(f"zeros;{rule}")
+    if ineligible is not None:
+        assert fault.corrupt(OUTPUTS, OUTPUTS, context(**ineligible)) is OUTPUTS
+    assert torch.count_nonzero(fault.corrupt(OUTPUTS, OUTPUTS, context(**eligible))) == 0
+    assert fault.eligible_steps == fault.corrupted_steps == 1
+
+
+def test_all_rules_must_hold():
+    fault = parse_fault("zeros;after=2;batch;push")
+    assert fault.corrupt(OUTPUTS, OUTPUTS, context(step_index=2, rows=2, path="stream")) is OUTPUTS
+    assert fault.corrupt(OUTPUTS, OUTPUTS, context(step_index=1, rows=2, path="push")) is OUTPUTS
+    assert fault.corrupt(OUTPUTS, OUTPUTS, context(step_index=2, rows=1, path="push")) is OUTPUTS
+    assert torch.count_nonzero(fault.corrupt(OUTPUTS, OUTPUTS, context(step_index=2, rows=2, path="push"))) == 0
+    assert (fault.eligible_steps, fault.corrupted_steps) == (1, 1)
+
+
+def test_without_a_context_a_ruled_fault_stays_honest():
+    fault = parse_fault("noise:0.5;share=1")
+    assert fault.corrupt(OUTPUTS, OUTPUTS) is OUTPUTS and fault.corrupt(OUTPUTS, OUTPUTS, None) is OUTPUTS
+    assert (fault.eligible_steps, fault.corrupted_steps) == (0, 0)
+
+
+def test_share_corrupts_about_that_share_of_eligible_steps_reproducibly():
+    def run(seed):
+        fault = parse_fault("noise:0.5;after=3;share=0.1", seed=seed)
+        changed = [not torch.equal(fault.corrupt(OUTPUTS, OUTPUTS, context(step_index=index)), OUTPUTS) for index in range(2003)]
+        return fault, changed
+
+    fault, changed = run(seed=11)
+    assert fault.eligible_steps == 2000 and not any(changed[:3])  # steps 0..2 are before after=3
+    assert fault.corrupted_steps == changed.count(True) and 130 <= fault.corrupted_steps <= 270
+    assert run(seed=11)[1] == changed and run(seed=12)[1] != changed
+
+
+def test_eligible_steps_change_outputs_and_ineligible_ones_do_not():
+    for spec in ("noise:0.1", "zeros", "random", "intermittent:1"):
+        fault = parse_fault(f"{spec};longer=1024", seed=2)
+        assert fault.corrupt(OUTPUTS, OUTPUTS, context(max_length=1024)) is OUTPUTS
+        corrupted = fault.corrupt(OUTPUTS, OUTPUTS, context(max_length=4096))
+        assert corrupted.shape == OUTPUTS.shape and not torch.equal(corrupted, OUTPUTS)
+        assert (fault.eligible_steps, fault.corrupted_steps) == (1, 1)
+
+
+def test_ruled_fault_delegates_the_other_hooks(span):
+    class Inner(NoiseFault):
+        prepared = None
+
+        def prepare(self, layers):
+            self.prepared = layers
+
+        def delay_seconds(self):
+            return 0.125
+
+        def announced_throughput(self, measured):
+            return measured * 3
+
+    inner = Inner(0.1)
+    fault = RuledFault(inner, FaultRules(verdict=True))
+    layers = copy.deepcopy(span[0])
+    fault.prepare(layers)
+    assert inner.prepared is layers
+    assert fault.delay_seconds() == 0.125 and fault.announced_throughput(10.0) == 30.0
+    plain = parse_fault("noise:0.1;verdict")
+    assert plain.delay_seconds() == 0.0 and plain.announced_throughput(42.0) == 42.0
+
+
+@pytest.mark.parametrize("spec", ["none", "noise:0.01", "zeros", "random", "skip-blocks", "wrong-model", "intermittent:0.5", "slow:100", "announce:5"])
+def test_existing_modes_ignore_the_context(span, spec):
+    layers, hidden = span
+    with_context, without_context = parse_fault(spec, seed=9), parse_fault(spec, seed=9)
+    assert not isinstance(with_context, RuledFault)
+    reference = run_span(layers, hidden)
+    for index in range(5):
+        step = context(step_index=index, tokens=hidden.shape[1], rows=hidden.shape[0], path="push", verdicts_seen=True)
+        assert torch.equal(with_context.corrupt(hidden, reference, step), without_context.corrupt(hidden, reference))
+    assert with_context.announced_throughput(7.0) == without_context.announced_throughput(7.0)
+
+
+def test_help_and_errors_mention_the_rules():
+    assert "MODE;RULE" in FAULT_HELP and "share=P" in FAULT_HELP and "noise:SIGMA" in FAULT_HELP
+    with pytest.raises(ValueError, match=r"known modes: .*rules after=N"):
+        parse_fault("gremlins")
