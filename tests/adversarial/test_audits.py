@@ -40,7 +40,10 @@ def audited_swarm(tmp_path_factory):
         swarm.wait_until_online(len(servers))
         peers = {name: peer_id_of(server) for name, server in servers.items()}
         decisions = VerifierConfig(ledger_path=tmp_path_factory.mktemp("ledger") / "ledger.sqlite")
-        verifier = Verifier(VerifierNodeConfig(MODEL, tuple(swarm.initial_peers), rounds=1, decisions=decisions))
+        # the verifier sets torch's (process-wide) thread count: keep this process's, or later tests here would
+        # compute (and SVD-compress) with one thread and differ from servers in rounding
+        verifier = Verifier(VerifierNodeConfig(MODEL, tuple(swarm.initial_peers), rounds=1, decisions=decisions,
+                                               torch_threads=torch.get_num_threads()))
         verifier.start()
         config = RemoteClientConfig(trusted_verifier_keys=(verifier.key,), audit_fraction=1.0, server_view_max_age=0.0)
         client = DistributedModelForCausalLM.from_pretrained(MODEL, swarm.initial_peers, config)
