@@ -190,7 +190,7 @@ def main() -> None:
         peers = start_swarm(swarm, args.shares)
         decisions = VerifierConfig(ledger_path=Path(folder) / "ledger.sqlite")
         verifier = Verifier(VerifierNodeConfig(MODEL, tuple(swarm.initial_peers), rounds=1, jitter_s=0.0, seed=args.seed,
-                                               decisions=decisions)).start()
+                                               torch_threads=1, decisions=decisions)).start()
         client = None
         try:
             verifier.run_round()  # verdicts on every server: the "verdict" cheaters start cheating once they see one

@@ -207,7 +207,7 @@ def main() -> None:
         peers = {name: peer_id_of(server) for name, server in started.items()}
         decisions = VerifierConfig(ledger_path=Path(scratch) / "ledger.sqlite")
         verifier = Verifier(VerifierNodeConfig(MODEL, tuple(swarm.initial_peers), decode_steps=args.decode_steps,
-                                               jitter_s=0.05, decisions=decisions))
+                                               jitter_s=0.05, torch_threads=1, decisions=decisions))
         try:
             verifier.start()
             result = {} if args.speed_only else detection_runs(verifier, peers, args.repetitions, args.max_rounds)

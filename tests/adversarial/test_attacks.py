@@ -186,7 +186,7 @@ def test_a_verifier_keeps_its_key_and_peer_id_across_a_restart(swarm, tmp_path):
     config = VerifierNodeConfig(model=MODEL, initial_peers=tuple(swarm.initial_peers), rounds=1,
                                 identity_path=tmp_path / "verifier.key",
                                 decisions=VerifierConfig(ledger_path=tmp_path / "ledger.sqlite"))
-    identities = []
+    identities, threads = [], torch.get_num_threads()
     for _ in range(2):
         verifier = Verifier(config)
         try:
@@ -195,3 +195,6 @@ def test_a_verifier_keeps_its_key_and_peer_id_across_a_restart(swarm, tmp_path):
         finally:
             verifier.shutdown()
     assert identities[0] == identities[1]
+    # torch's thread count is process-wide: an in-process verifier must leave its host's alone (a test after this
+    # one SVD-compresses locally and must round as its server processes do)
+    assert torch.get_num_threads() == threads

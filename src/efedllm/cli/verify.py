@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     parser.add_argument("--epoch-seconds", type=float, default=3600.0)
     parser.add_argument("--reward", type=float, default=100.0, help="reward split per epoch")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--torch-threads", type=positive_int, default=1, metavar="N",
+                        help="compute threads for probes and audits (default: %(default)s, leaving the other cores to servers)")
     add_identity(parser, "the verifier")
     parser.set_defaults(func=run_verify)
 
@@ -43,7 +45,8 @@ def build_config(args: argparse.Namespace) -> VerifierNodeConfig:
                                reward_per_epoch=args.reward, ledger_path=args.ledger)
     return VerifierNodeConfig(model=args.model, initial_peers=tuple(args.initial_peers), host=args.host, port=args.port,
                               rounds=args.rounds, decode_steps=args.decode_steps, jitter_s=args.jitter,
-                              seed=args.seed, decisions=decisions, identity_path=args.identity)
+                              seed=args.seed, decisions=decisions, identity_path=args.identity,
+                              torch_threads=args.torch_threads)
 
 
 def run_verify(args: argparse.Namespace) -> int:

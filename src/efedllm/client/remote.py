@@ -61,6 +61,7 @@ class DistributedModelForCausalLM(CausalLMClient):
         self._stubs: dict[str, RemoteSpanStub] = {}
         self._audit_random = random.Random(config.audit_seed)
         self._audits_pending: set = set()
+        self._audit_locks: dict[str, asyncio.Lock] = {}  # verifier peer id -> one audit at a time
         self.audits: list[tuple[str, AuditVerdict | str]] = []  # (server, its verdict or why none came)
         self.audit_bytes = 0
 
@@ -151,11 +152,14 @@ class DistributedModelForCausalLM(CausalLMClient):
             self.audits.append((server, await self._send_audit(server, verifier, request, tensors)))
 
     async def _send_audit(self, server: str, verifier: str, request, tensors, attempts: int = 2) -> AuditVerdict | str:
-        """The verifier's verdict, or why none came. A second attempt: about one stream in 200 here ended
-        without an answer while the verifier was busy (hivemind closed it), and judging again is harmless."""
+        """The verifier's verdict, or why none came. A verifier judges one audit per peer at a time and refuses
+        the others, so this client's audits to it wait for each other. A second attempt after a transport
+        error: judging again is harmless."""
+        lock = self._audit_locks.setdefault(verifier, asyncio.Lock())
         for attempt in range(attempts):
             try:
-                return await submit_audit(self.p2p, verifier, request, tensors)
+                async with lock:
+                    return await submit_audit(self.p2p, verifier, request, tensors)
             except Exception as error:  # a verifier out of reach must not end the client's work
                 logger.warning("audit of %s by %s failed (attempt %d): %r", server, verifier, attempt + 1, error)
                 failure = f"{type(error).__name__}: {error}"

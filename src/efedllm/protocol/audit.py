@@ -108,6 +108,15 @@ async def read_audit(requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> tupl
     return request, tensors
 
 
+async def discard_audit(requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> None:
+    """Reads a request to its end (or to ``MAX_AUDIT_BYTES``) without keeping it: a refusal is answered after it."""
+    size = 0
+    async for message in requests:
+        size += len(message.metadata) + sum(len(tensor.buffer) for tensor in message.tensors)
+        if size > MAX_AUDIT_BYTES:
+            return
+
+
 async def submit_audit(p2p: P2P, verifier_peer_id: str, request: AuditRequest, tensors: list,
                        timeout: float = 120.0) -> AuditVerdict:
     """Send one audit to a verifier and return its verdict; raises on transport errors or a refusal."""

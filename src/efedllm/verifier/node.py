@@ -58,7 +58,7 @@ from efedllm.dht.verdicts import publish_verdict
 from efedllm.models.comparison import ProbeComparison, Tolerances, compare_outputs
 from efedllm.models.span import load_client_parts, load_span
 from efedllm.protocol import codec
-from efedllm.protocol.audit import AuditService, AuditVerdict, read_audit
+from efedllm.protocol.audit import AuditService, AuditVerdict, discard_audit, read_audit
 from efedllm.protocol.messages import OpenSessionRequest, StepRequest
 from efedllm.protocol.service import HopFailure, RemoteSpanStub
 from efedllm.verifier.audit import AuditOutcome, judge_audit
@@ -111,7 +111,7 @@ class VerifierNodeConfig:
     verdict_ttl_s: float | None = None
     corpus_path: Path | None = None
     seed: int | None = None
-    torch_threads: int = 1
+    torch_threads: int | None = None  # None: leave the process's torch threads as they are (a library caller's)
     decisions: VerifierConfig = field(default_factory=VerifierConfig)
     identity_path: Path | None = None
 
@@ -123,7 +123,7 @@ class VerifierNodeConfig:
         if not 1 <= self.min_prompt_tokens <= self.max_prompt_tokens:
             raise ValueError(f"need 1 <= min_prompt_tokens <= max_prompt_tokens, got {self.min_prompt_tokens}, "
                              f"{self.max_prompt_tokens}")
-        if self.jitter_s < 0 or self.request_timeout <= 0 or self.torch_threads < 1:
+        if self.jitter_s < 0 or self.request_timeout <= 0 or (self.torch_threads is not None and self.torch_threads < 1):
             raise ValueError("need jitter_s >= 0, request_timeout > 0 and torch_threads >= 1")
         if self.verdict_ttl_s is not None and self.verdict_ttl_s <= 0:
             raise ValueError(f"verdict_ttl_s must be > 0, got {self.verdict_ttl_s}")
@@ -237,7 +237,8 @@ class Verifier:
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> "Verifier":
-        torch.set_num_threads(self.config.torch_threads)
+        if self.config.torch_threads is not None:
+            torch.set_num_threads(self.config.torch_threads)
         self.parts = load_client_parts(self.config.model)
         self.reference = load_span(self.config.model, 0, self.parts.config.num_hidden_layers)
         self._passages = load_passages(self.config.corpus_path or default_corpus_path())
@@ -429,6 +430,7 @@ class Verifier:
         """One server's session from a client (``efedllm.protocol.audit``): judged, acted on, answered."""
         requester = context.remote_id.to_base58()
         if requester in self._auditing:
+            await discard_audit(requests)  # refuse after reading: an early close breaks its pipe
             return codec.response(AuditVerdict("invalid", "one audit at a time per peer"))
         self._auditing.add(requester)
         try:
