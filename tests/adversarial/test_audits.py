@@ -65,7 +65,7 @@ def _generate_on(client, peers, middle: str, prompt: str = "The capital of Franc
         audits_before = len(client.audits)
         client.run(session.finish())
         client.wait_for_audits()
-    return new_ids, dict(client.audits[audits_before:])
+    return new_ids, {record.server: record.verdict for record in client.audits[audits_before:]}
 
 
 def test_a_server_lying_after_its_first_steps_is_proven_deactivated_and_clawed_back(audited_swarm):

@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     serve.add_argument("--wire", nargs="+", default=list(WIRE_FORMATS), choices=list(WIRE_FORMATS),
                        help="wire formats this server accepts")
     serve.add_argument("--fault", default=None, help=FAULT_HELP)
+    serve.add_argument("--fault-seed", type=int, default=0, metavar="N",
+                       help="seed of the fault's random draws (servers with one fault spec cheat independently)")
     arguments.add_trusted_verifiers(serve, "this server obeys")
     serve.add_argument("--weights-from", metavar="PEER",
                        help="fetch this span's weights from that server (peer id) instead of the model file")
@@ -69,7 +71,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         model=args.model, blocks=args.blocks, num_blocks=args.num_blocks, initial_peers=tuple(args.initial_peers),
         host=args.host, port=args.port, dtype=args.dtype, max_sessions=args.max_sessions, wire_formats=tuple(args.wire),
-        fault=args.fault, rebalance=not args.no_rebalance, announce_interval=args.announce_interval,
+        fault=args.fault, fault_seed=args.fault_seed, rebalance=not args.no_rebalance, announce_interval=args.announce_interval,
         rebalance_interval=args.rebalance_interval, compression=arguments.compression_config_from_args(args),
         weights_from=args.weights_from, torch_threads=args.torch_threads,
         trusted_verifier_keys=tuple(args.trusted_verifiers), verifier_quorum=args.verifier_quorum,

@@ -16,13 +16,22 @@ of them it is still undetected with probability ``(1 - audit_fraction) ** K``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from efedllm.common.errors import RecordError
 from efedllm.common.receipts import ReceiptCertificate, StepReceipt, check_chain, tensor_digest
 from efedllm.common.spans import Span
 from efedllm.protocol import codec
-from efedllm.protocol.audit import AuditRequest, AuditStep
+from efedllm.protocol.audit import AuditRequest, AuditStep, AuditVerdict
 from efedllm.protocol.messages import Hop
+
+
+class AuditRecord(NamedTuple):
+    """One submitted audit: the server, its session's id there, and the verifier's verdict or why none came."""
+
+    server: str
+    session_id: str
+    verdict: AuditVerdict | str
 
 
 @dataclass
@@ -57,18 +66,19 @@ class SessionAudit:
 
 
 def audit_request(model: str, trace: HopTrace) -> tuple[AuditRequest, list]:
-    """One hop's trace as an audit request; a hidden state sent twice (an output that was the next input) once."""
+    """One hop's trace as an audit request; a hidden state sent twice (an output that was the next input) once.
+    The receipts' digests name the bytes: every recorded step was checked against them (``outputs_with_receipts``)."""
     index_of: dict[bytes, int] = {}
     tensors: list = []
 
-    def index(group: list) -> int:
-        digest = tensor_digest(group)
+    def index(digest: bytes, group: list) -> int:
         if digest not in index_of:
             index_of[digest] = len(index_of)
             tensors.extend(group)
         return index_of[digest]
 
-    steps = tuple(AuditStep(receipt, index(inputs), index(outputs)) for receipt, inputs, outputs in trace.steps)
+    steps = tuple(AuditStep(receipt, index(receipt.input_digest, inputs), index(receipt.output_digest, outputs))
+                  for receipt, inputs, outputs in trace.steps)
     return AuditRequest(model, trace.certificate, steps, len(index_of)), tensors
 
 

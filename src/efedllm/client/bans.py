@@ -17,6 +17,7 @@ class BanList:
     max_s: float = 600.0
     _until: dict[str, float] = field(default_factory=dict)
     _strikes: dict[str, int] = field(default_factory=dict)
+    ever: set[str] = field(default_factory=set)  # every peer banned at least once (for reports)
 
     def ban(self, peer_id: str, now: float) -> float:
         """Bans ``peer_id`` from ``now``; returns how many seconds the ban lasts."""
@@ -24,6 +25,7 @@ class BanList:
         seconds = min(self.base_s * 2**strikes, self.max_s)
         self._strikes[peer_id] = strikes + 1
         self._until[peer_id] = now + seconds
+        self.ever.add(peer_id)
         return seconds
 
     def banned(self, now: float) -> set[str]:

@@ -22,7 +22,7 @@ import torch
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 
-from efedllm.client.audit import SessionAudit
+from efedllm.client.audit import AuditRecord, SessionAudit
 from efedllm.client.config import RemoteClientConfig
 from efedllm.client.generation import CausalLMClient
 from efedllm.client.routing import RouteHop
@@ -62,7 +62,7 @@ class DistributedModelForCausalLM(CausalLMClient):
         self._audit_random = random.Random(config.audit_seed)
         self._audits_pending: set = set()
         self._audit_locks: dict[str, asyncio.Lock] = {}  # verifier peer id -> one audit at a time
-        self.audits: list[tuple[str, AuditVerdict | str]] = []  # (server, its verdict or why none came)
+        self.audits: list[AuditRecord] = []  # in the order the verdicts came
         self.audit_bytes = 0
 
     @classmethod
@@ -149,7 +149,8 @@ class DistributedModelForCausalLM(CausalLMClient):
         for server, request, tensors in audit.requests(self.model_name):
             verifier = self._audit_random.choice(verifiers)
             self.audit_bytes += codec.wire_bytes(tensors) + len(codec.pack_metadata(request.to_wire()))
-            self.audits.append((server, await self._send_audit(server, verifier, request, tensors)))
+            verdict = await self._send_audit(server, verifier, request, tensors)
+            self.audits.append(AuditRecord(server, request.steps[0].receipt.session_id, verdict))
 
     async def _send_audit(self, server: str, verifier: str, request, tensors, attempts: int = 2) -> AuditVerdict | str:
         """The verifier's verdict, or why none came. A verifier judges one audit per peer at a time and refuses

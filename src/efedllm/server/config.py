@@ -23,7 +23,8 @@ class ServerConfig:
     thinnest (and re-chosen every ``rebalance_interval`` seconds when ``rebalance`` is on).
     ``weights_from`` names a peer (base58 id) to fetch the first span's weights from instead of
     reading them from the model file (moves read the file). ``wire_formats`` are the formats it
-    accepts and sends; ``fault`` injects a fault mode (tests and benchmarks of the verifier only).
+    accepts and sends; ``fault`` injects a fault mode (tests and benchmarks of the verifier only),
+    its random draws seeded with ``fault_seed``.
     Servers deactivated by ``verifier_quorum`` of the ``trusted_verifier_keys`` count as absent when
     choosing blocks (no keys: none are). ``torch_threads`` is the compute threads (None: torch's
     default, every core). ``ready_file``: once the server is online, it writes there a JSON object
@@ -48,6 +49,7 @@ class ServerConfig:
     rebalance_interval: float = 10.0
     session_idle_timeout: float = 300.0
     fault: str | None = None
+    fault_seed: int = 0
     compression: CompressionConfig | None = None
     weights_from: str | None = None  # peer id of a server whose span contains ours: fetch our weights from it
     torch_threads: int | None = None

@@ -165,7 +165,7 @@ class SpanServicer:
         for state in (self.last_used, self.histories, self.step_counts):
             state.pop(session_id, None)
         if lease is not None and lease.reserved_bytes >= LARGE_CACHE_BYTES:
-            release_freed_memory()
+            _trim_heap_soon()
 
     async def rpc_close_session(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
@@ -254,7 +254,9 @@ class SpanServicer:
         if hidden.shape[0] * hidden.shape[1] > self.policy.max_step_tokens:
             raise SpanInputError(f"step of {hidden.shape[0]} rows × {hidden.shape[1]} tokens exceeds this server's limit "
                                  f"of {self.policy.max_step_tokens} per step: send it in parts")
-        return StepInput(hidden, tensor_digest(groups[-1]), carried)
+        # the input's digest: the previous hop's receipt names it (checked above), else it is hashed here
+        digest = step.upstream_receipts[-1].output_digest if carried else tensor_digest(groups[-1])
+        return StepInput(hidden, digest, carried)
 
     @staticmethod
     def _check_upstream(step: StepRequest, groups: list[list], sender: str) -> list:
@@ -409,3 +411,13 @@ class SpanServicer:
                 self._drop(session_id)
                 closed += 1
         return closed
+
+
+def _trim_heap_soon() -> None:
+    """Trims the C heap on a worker thread when called on an event loop (a trim walks the whole heap)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        release_freed_memory()
+        return
+    loop.run_in_executor(None, release_freed_memory)

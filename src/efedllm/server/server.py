@@ -151,7 +151,7 @@ class Server:
     def _build_fault(self, model: SpanModel) -> FaultMode | None:
         if not self.config.fault:
             return None
-        fault = parse_fault(self.config.fault)
+        fault = parse_fault(self.config.fault, seed=self.config.fault_seed)
         fault.prepare(model.layers)
         return fault
 

@@ -29,10 +29,8 @@ the passed probes' and the clean audits'.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import logging
-import queue
 import random
 import threading
 import time
@@ -58,10 +56,11 @@ from efedllm.dht.verdicts import publish_verdict
 from efedllm.models.comparison import ProbeComparison, Tolerances, compare_outputs
 from efedllm.models.span import load_client_parts, load_span
 from efedllm.protocol import codec
-from efedllm.protocol.audit import AuditService, AuditVerdict, discard_audit, read_audit
+from efedllm.protocol.audit import AuditService
 from efedllm.protocol.messages import OpenSessionRequest, StepRequest
 from efedllm.protocol.service import HopFailure, RemoteSpanStub
-from efedllm.verifier.audit import AuditOutcome, judge_audit
+from efedllm.verifier.audit import AuditOutcome
+from efedllm.verifier.audit_desk import AuditDesk
 from efedllm.verifier.config import DEFAULT_PROBE_DECODE_STEPS, SAME_DTYPE_TOLERANCES, VerifierConfig
 from efedllm.verifier.ledger import Ledger, epoch_of
 from efedllm.verifier.trust import ProbeWindow, ServerEvidence, TrustDecision, decide_trust
@@ -230,10 +229,7 @@ class Verifier:
         self.validator: RSASignatureValidator | None = None
         self.key: str | None = None
         self.proven_liars: dict[str, str] = {}  # peer id -> the proof's description; deactivated for good
-        self.audit_outcomes: list[AuditOutcome] = []
-        self._audits_to_book: queue.SimpleQueue = queue.SimpleQueue()  # judged on the loop, booked in the ledger here
-        self._auditing: set[str] = set()  # requesters with an audit in flight: one each, so nobody floods the verifier
-        self._audit_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
+        self.audits: AuditDesk | None = None
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> "Verifier":
@@ -241,6 +237,7 @@ class Verifier:
             torch.set_num_threads(self.config.torch_threads)
         self.parts = load_client_parts(self.config.model)
         self.reference = load_span(self.config.model, 0, self.parts.config.num_hidden_layers)
+        self.audits = AuditDesk(self.config.model, self.reference, self._tolerances_for_dtype, self._act_on_lie)
         self._passages = load_passages(self.config.corpus_path or default_corpus_path())
         self.ledger = Ledger(self.config.decisions.ledger_path).open()
         self.proven_liars = self.ledger.deactivations()
@@ -277,7 +274,8 @@ class Verifier:
 
     def shutdown(self) -> None:
         self.loop.shutdown()
-        self._audit_executor.shutdown(wait=False, cancel_futures=True)
+        if self.audits is not None:
+            self.audits.shutdown()
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
@@ -428,36 +426,7 @@ class Verifier:
     async def rpc_audit(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                         context: P2PContext) -> runtime_pb2.ExpertResponse:
         """One server's session from a client (``efedllm.protocol.audit``): judged, acted on, answered."""
-        requester = context.remote_id.to_base58()
-        if requester in self._auditing:
-            await discard_audit(requests)  # refuse after reading: an early close breaks its pipe
-            return codec.response(AuditVerdict("invalid", "one audit at a time per peer"))
-        self._auditing.add(requester)
-        try:
-            outcome = await self._judge(requests)
-        finally:
-            self._auditing.discard(requester)
-        return codec.response(AuditVerdict(outcome.verdict, outcome.reason[:4096], outcome.step))
-
-    async def _judge(self, requests) -> AuditOutcome:
-        loop = asyncio.get_running_loop()
-        try:
-            request, tensors = await read_audit(requests)
-            if request.model != self.config.model:
-                raise RecordError(f"this verifier audits {self.config.model}, not {request.model}")
-            outcome = await loop.run_in_executor(self._audit_executor, judge_audit, request, tensors, self.reference,
-                                                 self._tolerances_for_dtype)
-        except RecordError as error:
-            return AuditOutcome("", None, "invalid", str(error))
-        except Exception as error:  # a bug must not end the verifier's other work
-            logger.exception("an audit failed")
-            return AuditOutcome("", None, "invalid", f"{type(error).__name__}: {error}")
-        self.audit_outcomes.append(outcome)
-        logger.info("audit of %s: %s %s", outcome.peer_id, outcome.verdict, outcome.reason)
-        if outcome.verdict == "lie":
-            await loop.run_in_executor(None, self._act_on_lie, outcome)
-        self._audits_to_book.put(outcome)
-        return outcome
+        return codec.response(await self.audits.answer(requests, context.remote_id.to_base58()))
 
     def _act_on_lie(self, outcome: AuditOutcome) -> None:
         """Deactivates a proven liar for good and publishes that at once."""
@@ -477,8 +446,7 @@ class Verifier:
     def book_audits(self) -> None:
         """In the ledger (this thread's): clean audits' work, and for each proven liar the clawback."""
         epoch = epoch_of(time.time(), self.config.decisions.epoch_seconds)
-        while not self._audits_to_book.empty():
-            outcome = self._audits_to_book.get()
+        for outcome in self.audits.take_judged() if self.audits is not None else []:
             if outcome.verdict == "lie":
                 since = max(0, epoch - self.config.decisions.clawback_epochs)
                 self.ledger.record_deactivation(outcome.peer_id, self.proven_liars[outcome.peer_id])
