@@ -33,17 +33,14 @@ from efedllm.compression.rank import parameter_count, rank_for_energy
 from efedllm.compression.svd import SvdAlgorithm, singular_values
 from efedllm.compression.output_fit import InputRecorder, output_fit_svd, paired_grams
 from efedllm.compression.whitening import GramCollector, whitened_singular_values, whitening_factor
+from efedllm.models.family import LLAMA_PROJECTION_STAGES
 
 # (layer index, hidden [B, T, H]) -> hidden [B, T, H], running the span's layer i causally
 LayerRunner = Callable[[int, torch.Tensor], torch.Tensor]
 
 # projections in the order their inputs are produced inside a Llama-style decoder layer
-PROJECTION_STAGES: tuple[tuple[str, ...], ...] = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+# the default projections, in calibration order (a family names its own: ModelFamily.projection_stages)
+PROJECTION_STAGES = LLAMA_PROJECTION_STAGES
 
 
 class CompressionMethod(str, enum.Enum):
@@ -175,10 +172,10 @@ class CompressionReport:
         }
 
 
-def projections(layer: nn.Module) -> dict[str, nn.Linear]:
-    """The layer's projections by dotted name, in :data:`PROJECTION_STAGES` order."""
+def projections(layer: nn.Module, stages=PROJECTION_STAGES) -> dict[str, nn.Linear]:
+    """The layer's projections by dotted name, in ``stages`` order."""
     found = {}
-    for stage in PROJECTION_STAGES:
+    for stage in stages:
         for name in stage:
             module = layer.get_submodule(name)
             if not isinstance(module, nn.Linear):
@@ -215,8 +212,9 @@ def allocation_weight(values: torch.Tensor) -> float:
     return 1.0 / float((values.double() ** 2).sum().clamp_min(1e-300))
 
 
-def whitened_spectra(layers: nn.ModuleList, hidden: torch.Tensor, run_layer: LayerRunner) -> list[torch.Tensor]:
-    """Pass 1: whitened singular values of every projection (layer order, then :data:`PROJECTION_STAGES` order).
+def whitened_spectra(layers: nn.ModuleList, hidden: torch.Tensor, run_layer: LayerRunner,
+                     stages=PROJECTION_STAGES) -> list[torch.Tensor]:
+    """Pass 1: whitened singular values of every projection (layer order, then ``stages`` order).
 
     Inputs come from the original layers; the result depends only on the model and the calibration
     inputs, so callers that try several ratios can compute it once and pass it to :func:`compress_layers`.
@@ -224,7 +222,7 @@ def whitened_spectra(layers: nn.ModuleList, hidden: torch.Tensor, run_layer: Lay
     _check_hidden(hidden)
     spectra = []
     for index, layer in enumerate(layers):
-        modules = projections(layer)
+        modules = projections(layer, stages)
         collector = GramCollector(modules)
         with torch.no_grad():
             next_hidden = run_layer(index, hidden)
@@ -242,30 +240,32 @@ def compress_layers(
     run_layer: LayerRunner | None = None,
     spectra: list[torch.Tensor] | None = None,
     sensitivities: list[float] | None = None,
+    stages=PROJECTION_STAGES,
 ) -> CompressionReport:
     """Replace every projection of ``layers`` by a :class:`LowRankLinear` (or keep it dense), in place.
 
     ``calibration_hidden`` [B, T, H] are the span's input hidden states for calibration and
     ``run_layer(i, hidden)`` runs them through ``layers[i]``; both are needed for whitening only.
     ``spectra``: the output of :func:`whitened_spectra` for these layers and inputs, if already known.
+    ``stages``: the family's projections in calibration order (``ModelFamily.projection_stages``).
     """
-    modules = [module for layer in layers for module in projections(layer).values()]
+    modules = [module for layer in layers for module in projections(layer, stages).values()]
     weights = [module.weight.detach() for module in modules]
     plain_spectra = [singular_values(weight.float()) for weight in weights]
     if not config.needs_calibration:
         ranks = _plain_ranks(config, weights, plain_spectra)
-        reports = _compress_plain(layers, config, ranks, plain_spectra)
+        reports = _compress_plain(layers, config, ranks, plain_spectra, stages)
         return CompressionReport(config, tuple(reports))
     if calibration_hidden is None or run_layer is None:
         raise ValueError("whitened compression needs calibration_hidden and run_layer")
     _check_hidden(calibration_hidden)
-    whitened = spectra if spectra is not None else whitened_spectra(layers, calibration_hidden, run_layer)
+    whitened = spectra if spectra is not None else whitened_spectra(layers, calibration_hidden, run_layer, stages)
     if len(whitened) != len(modules):
         raise ValueError(f"got {len(whitened)} spectra for {len(modules)} projections")
     if sensitivities is not None and len(sensitivities) != len(modules):
         raise ValueError(f"got {len(sensitivities)} sensitivities for {len(modules)} projections")
     ranks = _plain_ranks(config, weights, whitened, sensitivities)
-    reports = _compress_sequentially(layers, config, ranks, calibration_hidden, run_layer)
+    reports = _compress_sequentially(layers, config, ranks, calibration_hidden, run_layer, stages)
     reports = [
         MatrixReport(r.layer, r.name, r.shape, r.rank, _energy(plain, r.rank), _energy(white, r.rank), r.parameters, r.nbytes)
         for r, plain, white in zip(reports, plain_spectra, whitened)
@@ -285,10 +285,10 @@ def _report(index: int, name: str, module: nn.Module, rank: int | None, shape: t
     return MatrixReport(index, name, shape, rank, 1.0, None, count, linear_nbytes(module))
 
 
-def _compress_plain(layers, config, ranks, spectra) -> list[MatrixReport]:
+def _compress_plain(layers, config, ranks, spectra, stages) -> list[MatrixReport]:
     reports, position = [], 0
     for index, layer in enumerate(layers):
-        for name, module in projections(layer).items():
+        for name, module in projections(layer, stages).items():
             rank, values = ranks[position], spectra[position]
             shape = tuple(module.weight.shape)
             if rank is not None:
@@ -300,7 +300,7 @@ def _compress_plain(layers, config, ranks, spectra) -> list[MatrixReport]:
     return reports
 
 
-def _compress_sequentially(layers, config, ranks, hidden, run_layer) -> list[MatrixReport]:
+def _compress_sequentially(layers, config, ranks, hidden, run_layer, stages) -> list[MatrixReport]:
     """Pass 3: per layer and stage, fit the projections on the inputs produced by the already-compressed model.
 
     With ``fit_dense_outputs`` the target is the dense layer's output on the dense model's inputs
@@ -310,9 +310,9 @@ def _compress_sequentially(layers, config, ranks, hidden, run_layer) -> list[Mat
     """
     reports, rank_of, dense_hidden = [], iter(ranks), hidden
     for index, layer in enumerate(layers):
-        layer_ranks = {name: next(rank_of) for name in projections(layer)}
-        dense_inputs, dense_output = _dense_inputs(layers, index, dense_hidden, run_layer) if config.fit_dense_outputs else (None, None)
-        for stage in PROJECTION_STAGES:
+        layer_ranks = {name: next(rank_of) for name in projections(layer, stages)}
+        dense_inputs, dense_output = _dense_inputs(layers, index, dense_hidden, run_layer, stages) if config.fit_dense_outputs else (None, None)
+        for stage in stages:
             stage_modules = {name: layer.get_submodule(name) for name in stage if layer_ranks[name] is not None}
             inputs = _record_inputs(stage_modules, index, hidden, run_layer) if stage_modules else {}
             for name in stage:
@@ -339,12 +339,13 @@ def _record_inputs(modules: dict[str, nn.Module], index: int, hidden: torch.Tens
     return inputs
 
 
-def _dense_inputs(layers: nn.ModuleList, index: int, hidden: torch.Tensor, run_layer: LayerRunner) -> tuple[dict, torch.Tensor]:
+def _dense_inputs(layers: nn.ModuleList, index: int, hidden: torch.Tensor, run_layer: LayerRunner,
+                  stages=PROJECTION_STAGES) -> tuple[dict, torch.Tensor]:
     """Every projection's inputs and the output of a dense copy of layer ``index`` run on the dense model's hidden states."""
     original = layers[index]
     dense = copy.deepcopy(original)
     layers[index] = dense
-    recorder = InputRecorder(projections(dense))
+    recorder = InputRecorder(projections(dense, stages))
     try:
         with torch.no_grad():
             output = run_layer(index, hidden)

@@ -11,7 +11,6 @@ from dataclasses import replace
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from efedllm.common.spans import Span
 from efedllm.compression.apply import (
@@ -24,6 +23,8 @@ from efedllm.compression.apply import (
 )
 from efedllm.compression.perplexity import default_text_path, read_text, tokenize
 from efedllm.compression.sensitivity import language_model_loss, output_sensitivities
+from efedllm.models.families import family_for
+from efedllm.models.family import SLIDING
 from efedllm.models.span import SpanModel, load_client_parts, load_span
 
 
@@ -42,26 +43,30 @@ def calibration_windows(token_ids: torch.Tensor, samples: int, length: int, offs
     return torch.stack([token_ids[start : start + length] for start in starts.tolist()])
 
 
-def causal_mask(length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [1, 1, T, T]: 0 on and below the diagonal, the dtype's minimum above it."""
-    mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype).triu(1)
-    return mask[None, None]
+def causal_mask(length: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """Additive mask [1, 1, T, T]: 0 where a query may attend (at or before it, and within ``window`` tokens
+    when one is given), the dtype's minimum elsewhere."""
+    query, key = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    allowed = (key <= query) if window is None else (key <= query) & (query - key < window)
+    return torch.zeros(length, length, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 def decoder_layer_runner(config, layers: nn.ModuleList, batch_size: int = 8) -> LayerRunner:
-    """A :data:`LayerRunner` for transformers decoder layers (Llama family): positions 0..T-1, causal.
+    """A :data:`LayerRunner` for transformers decoder layers of ``config``'s family, built for ``config``
+    (layer ``i`` is block ``i``): positions 0..T-1, causal, sliding where the block slides.
 
     The mask is explicit so that the result does not depend on the attention implementation.
     """
-    rotary = LlamaRotaryEmbedding(config)
+    family = family_for(config.model_type)
+    rotary, kinds = family.rotary_class(config=config), family.layer_types(config)
 
     def run(index: int, hidden: torch.Tensor) -> torch.Tensor:
         outputs = []
-        length = hidden.shape[1]
+        length, kind = hidden.shape[1], kinds[index]
         positions = torch.arange(length)[None]
-        mask = causal_mask(length, hidden.dtype)
+        mask = causal_mask(length, hidden.dtype, config.sliding_window if kind == SLIDING else None)
         for chunk in hidden.split(batch_size):  # chunk: [b, T, H]
-            cos_sin = rotary(chunk, positions)
+            cos_sin = family.position_embeddings(rotary, chunk, positions, kind)
             output = layers[index](chunk, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
             outputs.append(output[0] if isinstance(output, tuple) else output)
         return torch.cat(outputs)
@@ -114,10 +119,11 @@ def compress_span(span_model: SpanModel, model: str, config: CompressionConfig) 
     spans with the same config gets the same weights as the servers hosting them.
     """
     if not config.needs_calibration:
-        return compress_layers(span_model.layers, config)
+        return compress_layers(span_model.layers, config, stages=span_model.family.projection_stages)
     sensitivities = span_sensitivities(model, span_model.span, config) if config.allocation is RankAllocation.LOSS else None
     hidden = span_calibration_inputs(model, span_model.span.start, config)
-    return compress_layers(span_model.layers, config, hidden, span_layer_runner(span_model), sensitivities=sensitivities)
+    return compress_layers(span_model.layers, config, hidden, span_layer_runner(span_model), sensitivities=sensitivities,
+                           stages=span_model.family.projection_stages)
 
 
 def sensitivity_token_ids(tokenizer, config) -> torch.Tensor:
@@ -137,6 +143,7 @@ def span_sensitivities(model: str, span, config) -> list[float]:
 
 def projection_sensitivities(client, body, span, config) -> list[float]:
     """Like :func:`span_sensitivities`, with the client parts and the dense whole-model ``body`` already loaded."""
-    modules = [module for layer in body.layers[span.start : span.end] for module in projections(layer).values()]
+    stages = body.family.projection_stages
+    modules = [module for layer in body.layers[span.start : span.end] for module in projections(layer, stages).values()]
     windows = sensitivity_token_ids(client.tokenizer, config)
     return output_sensitivities(language_model_loss(client.embed, body, client.logits), modules, windows)

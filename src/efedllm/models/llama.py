@@ -33,6 +33,22 @@ def unpermute_rotary_rows(array: np.ndarray, heads: int) -> np.ndarray:
     return rows.swapaxes(2, 1).reshape(array.shape)
 
 
+def permute_rotary_rows(array: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's interleaving of the rotary halves (the inverse of :func:`unpermute_rotary_rows`)."""
+    # array: [heads * head_dim, hidden]
+    head_half = array.shape[0] // heads // 2
+    rows = array.reshape(heads, 2, head_half, *array.shape[1:])
+    return rows.swapaxes(1, 2).reshape(array.shape)
+
+
+def llama_to_gguf_tensor(array: np.ndarray, gguf_name: str, config: LlamaConfig) -> np.ndarray:
+    if gguf_name.endswith("attn_q.weight"):
+        return permute_rotary_rows(array, config.num_attention_heads)
+    if gguf_name.endswith("attn_k.weight"):
+        return permute_rotary_rows(array, config.num_key_value_heads)
+    return array
+
+
 def fix_llama_gguf_tensor(array: np.ndarray, gguf_name: str, config: LlamaConfig) -> np.ndarray:
     if gguf_name.endswith("attn_q.weight"):
         return unpermute_rotary_rows(array, config.num_attention_heads)
@@ -49,5 +65,7 @@ def llama_family() -> ModelFamily:
         rotary_class=LlamaRotaryEmbedding,
         norm_class=LlamaRMSNorm,
         layer_tensors=LLAMA_LAYER_TENSORS,
+        gguf_architectures=("llama",),
         fix_gguf_tensor=fix_llama_gguf_tensor,
+        to_gguf_tensor=llama_to_gguf_tensor,
     )

@@ -7,16 +7,14 @@ weights a process ever holds are its own span's.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from efedllm.common.dtypes import parse_dtype
 from efedllm.common.spans import Span
-from efedllm.models.family import ModelFamily
+from efedllm.models.family import SLIDING, ModelFamily
 from efedllm.models.progress import loading_progress
 from efedllm.models.sources import resolve_model
 from efedllm.models.weights import load_tokenizer, open_model
@@ -25,16 +23,17 @@ from efedllm.models.weights import load_tokenizer, open_model
 class SpanModel(nn.Module):
     """Blocks ``span.start..span.end-1`` of a model, run on hidden states.
 
-    Layer ``i`` of ``layers`` is block ``span.start + i``; its attention writes to cache layer
-    ``i`` (layers are built with local indices), so a KV cache for a span has ``span.length`` layers.
+    Layer ``i`` of ``layers`` is block ``span.start + i``; it is built from the family's span
+    config with local index ``i`` (so its attention writes to cache layer ``i`` and its attention
+    kind is that of block ``span.start + i``); a KV cache for a span has ``span.length`` layers.
     """
 
     def __init__(self, config, family: ModelFamily, span: Span, layers: nn.ModuleList, rotary: nn.Module) -> None:
         super().__init__()
         self.config, self.family, self.span = config, family, span
         self.layers, self.rotary_emb = layers, rotary
-        self.span_config = copy.copy(config)
-        self.span_config.num_hidden_layers = span.length
+        self.span_config = family.span_config(config, span.start, span.end)
+        self.layer_types: list[str] = list(self.span_config.layer_types)  # local index -> attention kind
 
     @property
     def dtype(self) -> torch.dtype:
@@ -68,28 +67,31 @@ class SpanModel(nn.Module):
         first, last = blocks.start - self.span.start, blocks.end - self.span.start
         tokens = hidden_states.shape[1]
         position_ids = torch.arange(position, position + tokens, device=hidden_states.device).unsqueeze(0)
-        mask = create_causal_mask(
-            config=self.span_config,
-            inputs_embeds=hidden_states,
-            attention_mask=None,
-            past_key_values=cache,
-            position_ids=position_ids,
-            layer_idx=first if cache is not None else None,
-        )
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)  # (cos, sin) [1, tokens, head_dim]
-        for layer in self.layers[first:last]:
-            hidden_states = layer(
+        kinds = {kind: self.layer_types.index(kind, first, last) for kind in dict.fromkeys(self.layer_types[first:last])}
+        masks = {kind: self._mask(kind, hidden_states, cache, position_ids, index) for kind, index in kinds.items()}
+        # (cos, sin) [1, tokens, head_dim] per attention kind (Gemma 3's two rotary bases)
+        embeddings = {kind: self.family.position_embeddings(self.rotary_emb, hidden_states, position_ids, kind)
+                      for kind in kinds}
+        for index in range(first, last):
+            kind = self.layer_types[index]
+            hidden_states = self.layers[index](
                 hidden_states,
-                attention_mask=mask,
+                attention_mask=masks[kind],
                 position_ids=position_ids,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=cache is not None,
-                position_embeddings=position_embeddings,
+                position_embeddings=embeddings[kind],
             )
         return hidden_states
 
+    def _mask(self, kind: str, hidden_states, cache, position_ids, layer_index: int):
+        """The attention mask of one kind; ``layer_index``: a layer of that kind, whose cache sizes the mask."""
+        build = create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask
+        return build(config=self.span_config, inputs_embeds=hidden_states, attention_mask=None, cache=cache,
+                     position_ids=position_ids, layer_idx=layer_index if cache is not None else None)
+
     def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.span_config)
+        return DynamicCache(config=self.family.cache_config(self.span_config))
 
 
 def _prepare_config(config) -> None:
@@ -106,12 +108,11 @@ def load_span(model: str, start: int, end: int, dtype: str | torch.dtype = torch
     if end > config.num_hidden_layers:
         raise ValueError(f"span {span} exceeds the model's {config.num_hidden_layers} blocks")
     layers = nn.ModuleList()
+    span_config = family.span_config(config, start, end)
     for local_index, block in enumerate(loading_progress(range(start, end), f"blocks {span} of {source.name}")):
         with torch.device("meta"):
-            layer = family.decoder_layer_class(config, local_index)
-        names = reader.layer_names(block)
-        tensors = reader.read(names.values(), dtype)
-        layer.load_state_dict({param: tensors[name] for param, name in names.items()}, assign=True, strict=True)
+            layer = family.decoder_layer_class(span_config, local_index)
+        layer.load_state_dict(reader.read_layer(block, dtype), assign=True, strict=True)
         layers.append(layer)
     rotary = family.rotary_class(config=config)
     span_model = SpanModel(config, family, span, layers, rotary).eval()
@@ -131,8 +132,9 @@ def empty_span(model: str, start: int, end: int) -> SpanModel:
     span = Span(start, end)
     if end > config.num_hidden_layers:
         raise ValueError(f"span {span} exceeds the model's {config.num_hidden_layers} blocks")
+    span_config = family.span_config(config, start, end)
     with torch.device("meta"):
-        layers = nn.ModuleList(family.decoder_layer_class(config, local_index) for local_index in range(span.length))
+        layers = nn.ModuleList(family.decoder_layer_class(span_config, local_index) for local_index in range(span.length))
     span_model = SpanModel(config, family, span, layers, family.rotary_class(config=config)).eval()
     span_model.requires_grad_(False)
     return span_model
@@ -141,22 +143,30 @@ def empty_span(model: str, start: int, end: int) -> SpanModel:
 class ClientParts(nn.Module):
     """What a client owns: tokenizer, token embeddings, final norm and LM head."""
 
-    def __init__(self, config, tokenizer, embedding: nn.Embedding, norm: nn.Module, lm_head_weight: torch.Tensor) -> None:
+    def __init__(self, config, tokenizer, embedding: nn.Embedding, norm: nn.Module, lm_head_weight: torch.Tensor,
+                 embedding_scale: float = 1.0, logit_softcap: float | None = None) -> None:
         super().__init__()
         self.config, self.tokenizer = config, tokenizer
         self.embedding, self.norm = embedding, norm
         self.lm_head_weight = nn.Parameter(lm_head_weight, requires_grad=False)
+        self.embedding_scale, self.logit_softcap = embedding_scale, logit_softcap
 
     @property
     def dtype(self) -> torch.dtype:
         return self.embedding.weight.dtype
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding(input_ids)  # [batch, tokens] -> [batch, tokens, hidden]
+        embedded = self.embedding(input_ids)  # [batch, tokens] -> [batch, tokens, hidden]
+        if self.embedding_scale == 1.0:
+            return embedded
+        return embedded * torch.tensor(self.embedding_scale).to(embedded.dtype)  # rounded as transformers rounds it
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # [batch, tokens, hidden] -> [batch, tokens, vocab], computed in float32 for stable sampling
-        return nn.functional.linear(self.norm(hidden_states), self.lm_head_weight).float()
+        logits = nn.functional.linear(self.norm(hidden_states), self.lm_head_weight).float()
+        if self.logit_softcap is None:
+            return logits
+        return torch.tanh(logits / self.logit_softcap) * self.logit_softcap
 
 
 def load_client_parts(model: str, dtype: str | torch.dtype = torch.float32) -> ClientParts:
@@ -180,4 +190,5 @@ def load_client_parts(model: str, dtype: str | torch.dtype = torch.float32) -> C
         norm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
     norm.load_state_dict({"weight": tensors[names["norm"]]}, assign=True)
     lm_head = tensors[names["lm_head"]] if "lm_head" in names else embedding.weight
-    return ClientParts(config, tokenizer, embedding, norm, lm_head).eval()
+    return ClientParts(config, tokenizer, embedding, norm, lm_head, family.embedding_scale(config),
+                       family.logit_softcap(config)).eval().requires_grad_(False)

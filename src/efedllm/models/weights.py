@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, dequantize
 from safetensors import safe_open
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, MixtralConfig
 
 from efedllm.models.families import family_for
 from efedllm.models.family import ModelFamily
@@ -70,12 +70,26 @@ def load_config(source: ModelSource):
         return AutoConfig.from_pretrained(source.path)
     cached = _cached(source, "config")
     if not (cached / "config.json").is_file():
-        config = AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
+        config = _mixture_of_experts(AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name), source.path)
         _publish_atomically(config.save_pretrained, cached)
     config = AutoConfig.from_pretrained(cached)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # weights are dequantised on load; nothing stays quantised
     return config
+
+
+def _mixture_of_experts(config, path: Path):
+    """llama.cpp writes Mixtral as a ``llama`` GGUF file with an expert count, which transformers' GGUF config
+    drops: such a file is a Mixtral (no sliding window: llama.cpp's files carry none)."""
+    if config.model_type != "llama":
+        return config
+    field = GGUFReader(path).fields.get("llama.expert_count")
+    if field is None or int(field.contents()) == 0:
+        return config
+    used = GGUFReader(path).fields["llama.expert_used_count"].contents()
+    settings = {key: value for key, value in config.to_dict().items() if key not in ("model_type", "architectures")}
+    return MixtralConfig(**{**settings, "num_local_experts": int(field.contents()), "num_experts_per_tok": int(used),
+                            "sliding_window": None, "architectures": ["MixtralForCausalLM"]})
 
 
 def model_blocks(model: str) -> int:
@@ -106,6 +120,19 @@ class TensorReader:
             return {hf: f"blk.{layer_index}.{gguf}" for gguf, hf in self.family.layer_tensors.items()}
         prefix = f"{self.family.hf_layer_prefix}{layer_index}."
         return {hf: prefix + hf for hf in self.family.layer_tensors.values()}
+
+    def read_layer(self, layer_index: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """One block's parameters by their names inside a decoder layer: the plain ones as stored, the
+        family's composite ones (a Mixtral layer's experts, fused) built from the tensors they come from."""
+        names = self.layer_names(layer_index)
+        stored = self.read(names.values(), dtype)
+        tensors = {param: stored[name] for param, name in names.items()}
+        gguf = self.source.kind is SourceKind.GGUF
+        prefix = f"blk.{layer_index}." if gguf else f"{self.family.hf_layer_prefix}{layer_index}."
+        for param, (suffixes, combine) in self.family.composite_tensors(self.config, gguf).items():
+            parts = self.read([prefix + suffix for suffix in suffixes], dtype)
+            tensors[param] = combine([parts[prefix + suffix] for suffix in suffixes])
+        return tensors
 
     def available(self) -> set[str]:
         if self.source.kind is SourceKind.GGUF:
