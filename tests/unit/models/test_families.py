@@ -16,7 +16,7 @@ from efedllm.client.sampling import GenerationConfig
 from efedllm.common.spans import parse_spans
 from efedllm.compression.apply import CompressionConfig
 from efedllm.compression.calibration import compress_span
-from efedllm.models.families import FAMILIES
+from efedllm.models.families import FAMILIES, family_for
 from efedllm.models.synthetic import TINY_VOCAB, tiny_config, write_checkpoint, write_gguf
 
 SPLITS = {"1 span": None, "3 spans": parse_spans("0:3,3:6,6:8")}
@@ -85,7 +85,7 @@ def test_whitened_svd_compression_with_calibration_runs_on_every_family(checkpoi
         with model.inference_session(max_length=input_ids.shape[1]) as session:
             logits[name] = model.parts.logits(session.step(model.parts.embed(input_ids)))
     assert all(report.achieved_ratio <= 0.9 + 1e-3 for report in reports), [r.achieved_ratio for r in reports]
-    per_block = sum(len(stage) for stage in FAMILIES[model_type]().projection_stages)  # Mixtral: attention only
+    per_block = sum(len(stage) for stage in family_for(model_type).projection_stages)  # Mixtral: attention only
     assert sum(len(report.matrices) for report in reports) == 8 * per_block
     # random weights have flat spectra, so C = 0.9 (about half of each rank) costs much: the compressed model's
     # logits must still follow the dense model's
