@@ -19,6 +19,7 @@ import sys
 
 from efedllm.cli.parser import Parser, print_error
 from efedllm.common.errors import EfedllmError
+from efedllm.common.lean_imports import register_lean_hivemind
 
 # command -> (the module that registers and runs it, its one-line help)
 COMMANDS = {
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((argument for argument in argv if not argument.startswith("-")), None)
+    register_lean_hivemind()  # before any command module imports hivemind: 53 MB less per process
     args = build_parser(command).parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -18,6 +18,7 @@ from efedllm.common.peers import parse_peer_id
 from efedllm.compression.apply import CompressionConfig
 from efedllm.compression.perplexity import default_text_path
 from efedllm.dht.quorum import QuorumRule
+from efedllm.models.quantization import QUANTIZATIONS
 
 
 def peer_multiaddrs(text: str) -> list[str]:
@@ -52,8 +53,11 @@ def add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="alias, .gguf path or HF directory (default %(default)s)")
 
 
-def add_dtype(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
+def add_dtype(parser: argparse.ArgumentParser, quant: bool = False) -> None:
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES), help="compute dtype (default %(default)s)")
+    if quant:
+        parser.add_argument("--quant", default=None, choices=list(QUANTIZATIONS),
+                            help="weight-only quantisation of the blocks' projections (default: none)")
 
 
 def verifier_keys(text: str) -> list[str]:

@@ -7,7 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from efedllm.cli.arguments import add_compression_arguments, add_model, compression_config_from_args
+from efedllm.cli.arguments import add_compression_arguments, add_dtype, add_model, compression_config_from_args
 from efedllm.cli.parser import positive_int
 from efedllm.compression.apply import CompressionConfig, CompressionReport
 from efedllm.compression.calibration import compress_span
@@ -19,6 +19,7 @@ from efedllm.models.weights import model_blocks
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval-ppl", help="windowed perplexity of a model, optionally SVD-compressed")
     add_model(parser)
+    add_dtype(parser, quant=True)
     parser.add_argument("--text", type=Path, help="text file (default: ../shared/data/wikitext2-test.raw)")
     parser.add_argument("--tokens", type=positive_int, default=8192, help="evaluate the first N tokens (default 8192)")
     parser.add_argument("--window", type=positive_int, default=1024, help="window length in tokens (default 1024)")
@@ -33,10 +34,13 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
         raise ValueError(f"no text {text or ''}: pass --text FILE (or provide ../shared/data/wikitext2-test.raw)")
     model_blocks(args.model)
     config = compression_config_from_args(args)
+    if config is not None and args.quant is not None:
+        raise ValueError("--quant and --svd-* cannot be combined yet: choose one")
     if config is not None and config.calibration_text is None:
         config = replace(config, calibration_text=text)
-    result, report = evaluate_model(args.model, Path(text), config, args.tokens, args.window)
-    record = {"model": args.model, "text": str(text), "tokens": args.tokens, "window": args.window, **result.to_dict()}
+    result, report = evaluate_model(args.model, Path(text), config, args.tokens, args.window, args.dtype, args.quant)
+    record = {"model": args.model, "text": str(text), "tokens": args.tokens, "window": args.window, "dtype": args.dtype,
+              "quant": args.quant, **result.to_dict()}
     if report is not None:
         record["compression"] = {"method": config.method.value, "ratio": config.ratio, "energy": config.energy, **report.summary()}
     if args.json:
@@ -48,11 +52,11 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_model(model: str, text: Path, config: CompressionConfig | None, tokens: int,
-                   window: int) -> tuple[PerplexityResult, CompressionReport | None]:
+def evaluate_model(model: str, text: Path, config: CompressionConfig | None, tokens: int, window: int,
+                   dtype: str = "float32", quant: str | None = None) -> tuple[PerplexityResult, CompressionReport | None]:
     """(PerplexityResult, CompressionReport or None) for the whole model, compressed as one span."""
-    client = load_client_parts(model)
-    body = load_span(model, 0, client.config.num_hidden_layers)
+    client = load_client_parts(model, dtype)
+    body = load_span(model, 0, client.config.num_hidden_layers, dtype, quant)
     report = compress_span(body, model, config) if config is not None else None
     token_ids = tokenize(client.tokenizer, read_text(text))
     result = windowed_perplexity(lambda ids: client.logits(body(client.embed(ids))), token_ids, window, tokens)

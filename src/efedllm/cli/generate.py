@@ -43,7 +43,7 @@ def register(subparsers) -> None:
     parser.add_argument("--local", action="store_true", help="run every block in this process")
     parser.add_argument("--spans", default=None, help="with --local: consecutive spans, e.g. 0:10,10:20,20:30")
     arguments.add_initial_peers(parser)
-    arguments.add_dtype(parser)
+    arguments.add_dtype(parser, quant=True)
     parser.add_argument("--wire", default=None, choices=list(WIRE_FORMATS))
     parser.add_argument("--relay", action="store_true", help="route every hop through the client (Petals' way)")
     parser.add_argument("--answer-along-chain", action="store_true",
@@ -76,8 +76,8 @@ def _load_model(args: argparse.Namespace):
     """The local pipeline or the distributed client; every argument is checked before either loads."""
     blocks = model_blocks(args.model)
     if not args.local:
-        if args.spans or args.svd_ratio is not None or args.svd_energy is not None:
-            raise ValueError("--spans and --svd-* go with --local (a swarm's servers compress their own spans)")
+        if args.spans or args.svd_ratio is not None or args.svd_energy is not None or args.quant:
+            raise ValueError("--spans, --svd-* and --quant go with --local (a swarm's servers compress and quantise their own spans)")
         if not args.initial_peers:
             raise ValueError("give --initial-peers of a swarm, or --local to run every block here")
         return DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers, remote_config(args))
@@ -86,7 +86,7 @@ def _load_model(args: argparse.Namespace):
         check_covering(spans, blocks)
     compression = arguments.compression_config_from_args(args)
     transform = None if compression is None else (lambda span: compress_span(span, args.model, compression))
-    return LocalModelForCausalLM.load(args.model, spans, args.dtype, transform=transform)
+    return LocalModelForCausalLM.load(args.model, spans, args.dtype, transform=transform, quant=args.quant)
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from efedllm.protocol.codec import WIRE_FORMATS
 from efedllm.server.config import ServerConfig
 from efedllm.server.faults import FAULT_HELP
 from efedllm.server.server import Server
+from efedllm.server.memory import pin_mmap_threshold
 
 
 def register(subparsers) -> None:
@@ -26,7 +27,7 @@ def register(subparsers) -> None:
     arguments.add_initial_peers(serve)
     serve.add_argument("--host", type=ipv4_host, default="127.0.0.1")
     serve.add_argument("--port", type=port, default=0)
-    arguments.add_dtype(serve)
+    arguments.add_dtype(serve, quant=True)
     serve.add_argument("--max-sessions", type=positive_int, default=16)
     serve.add_argument("--max-sessions-per-peer", type=positive_int, default=None, metavar="N",
                        help="sessions one peer may hold (default: half of --max-sessions)")
@@ -70,7 +71,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         raise ValueError(f"--ready-file {args.ready_file}: no folder {args.ready_file.parent}")
     return ServerConfig(
         model=args.model, blocks=args.blocks, num_blocks=args.num_blocks, initial_peers=tuple(args.initial_peers),
-        host=args.host, port=args.port, dtype=args.dtype, max_sessions=args.max_sessions, wire_formats=tuple(args.wire),
+        host=args.host, port=args.port, dtype=args.dtype, quant=args.quant, max_sessions=args.max_sessions, wire_formats=tuple(args.wire),
         fault=args.fault, fault_seed=args.fault_seed, rebalance=not args.no_rebalance, announce_interval=args.announce_interval,
         rebalance_interval=args.rebalance_interval, compression=arguments.compression_config_from_args(args),
         weights_from=args.weights_from, torch_threads=args.torch_threads,
@@ -81,7 +82,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    Server(server_config(args)).run()
+    config = server_config(args)
+    pin_mmap_threshold()  # this process is the server: loading's temporaries must not stay in its heap
+    Server(config).run()
     return 0
 
 

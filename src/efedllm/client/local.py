@@ -42,12 +42,14 @@ class LocalModelForCausalLM(CausalLMClient):
         self.span_sessions = [SpanSessions(span) for span in spans]
 
     @classmethod
-    def load(cls, model: str, spans: list[Span] | None = None, dtype: str | torch.dtype = torch.float32, transform=None):
-        """Load client parts and each span; ``transform(span_model)`` may rewrite a span (e.g. compression)."""
+    def load(cls, model: str, spans: list[Span] | None = None, dtype: str | torch.dtype = torch.float32, transform=None,
+             quant: str | None = None):
+        """Load client parts and each span (int8 weights with ``quant="int8"``); ``transform(span_model)`` may
+        rewrite a span (e.g. compression)."""
         parts = load_client_parts(model, dtype)
         spans = spans or [Span(0, parts.config.num_hidden_layers)]
         check_covering(spans, parts.config.num_hidden_layers)  # before any span is loaded
-        span_models = [load_span(model, span.start, span.end, dtype) for span in spans]
+        span_models = [load_span(model, span.start, span.end, dtype, quant) for span in spans]
         if transform is not None:
             for span_model in span_models:
                 transform(span_model)

@@ -16,6 +16,7 @@ from efedllm.common.dtypes import parse_dtype
 from efedllm.common.spans import Span
 from efedllm.models.family import SLIDING, ModelFamily
 from efedllm.models.progress import loading_progress
+from efedllm.models.quantization import parse_quantization, quantized_shell, unloaded_tensors
 from efedllm.models.sources import resolve_model
 from efedllm.models.weights import load_tokenizer, open_model
 
@@ -98,26 +99,44 @@ def _prepare_config(config) -> None:
     config._attn_implementation = "sdpa"  # the same kernel transformers' own models use by default
 
 
-def load_span(model: str, start: int, end: int, dtype: str | torch.dtype = torch.float32) -> SpanModel:
-    """Load blocks ``start..end-1`` of ``model`` (alias, GGUF path or HF directory), nothing else."""
-    dtype = parse_dtype(dtype)
+def _open_span(model: str, start: int, end: int):
+    """(source, config, family, reader, span, span config) for blocks ``start..end-1``; ValueError past the end."""
     source = resolve_model(model)
     config, family, reader = open_model(source)
     _prepare_config(config)
     span = Span(start, end)
     if end > config.num_hidden_layers:
         raise ValueError(f"span {span} exceeds the model's {config.num_hidden_layers} blocks")
-    layers = nn.ModuleList()
-    span_config = family.span_config(config, start, end)
-    for local_index, block in enumerate(loading_progress(range(start, end), f"blocks {span} of {source.name}")):
-        with torch.device("meta"):
-            layer = family.decoder_layer_class(span_config, local_index)
-        layer.load_state_dict(reader.read_layer(block, dtype), assign=True, strict=True)
-        layers.append(layer)
-    rotary = family.rotary_class(config=config)
-    span_model = SpanModel(config, family, span, layers, rotary).eval()
+    return source, config, family, reader, span, family.span_config(config, start, end)
+
+
+def _finish(config, family: ModelFamily, span: Span, layers: nn.ModuleList) -> SpanModel:
+    span_model = SpanModel(config, family, span, layers, family.rotary_class(config=config)).eval()
     span_model.requires_grad_(False)
     return span_model
+
+
+def load_span(model: str, start: int, end: int, dtype: str | torch.dtype = torch.float32,
+              quant: str | None = None) -> SpanModel:
+    """Load blocks ``start..end-1`` of ``model`` (alias, GGUF path or HF directory), nothing else.
+
+    Tensors arrive one at a time and go straight into their layer (quantised on arrival with
+    ``quant="int8"``, :mod:`~efedllm.models.quantization`), so a load holds the span plus one tensor."""
+    dtype, quant = parse_dtype(dtype), parse_quantization(quant)
+    source, config, family, reader, span, span_config = _open_span(model, start, end)
+    layers = nn.ModuleList()
+    for local_index, block in enumerate(loading_progress(range(start, end), f"blocks {span} of {source.name}")):
+        with torch.device("meta"):
+            layer = quantized_shell(family.decoder_layer_class(span_config, local_index), quant)
+        for name, tensor in reader.iter_layer(block, dtype):
+            result = layer.load_state_dict({name: tensor}, strict=False, assign=True)
+            if result.unexpected_keys:
+                raise ValueError(f"block {block} of {source.name}: unexpected tensor {name}")
+            del tensor
+        if missing := unloaded_tensors(layer):
+            raise ValueError(f"block {block} of {source.name}: tensors {missing[:4]} are missing from the checkpoint")
+        layers.append(layer)
+    return _finish(config, family, span, layers)
 
 
 def empty_span(model: str, start: int, end: int) -> SpanModel:
@@ -126,18 +145,10 @@ def empty_span(model: str, start: int, end: int) -> SpanModel:
     For weights that arrive from elsewhere (a peer's ``--weights-from`` transfer): fill them with
     ``load_state_dict(..., assign=True)``. Only the model's config is read.
     """
-    source = resolve_model(model)
-    config, family, _ = open_model(source)
-    _prepare_config(config)
-    span = Span(start, end)
-    if end > config.num_hidden_layers:
-        raise ValueError(f"span {span} exceeds the model's {config.num_hidden_layers} blocks")
-    span_config = family.span_config(config, start, end)
+    _, config, family, _, span, span_config = _open_span(model, start, end)
     with torch.device("meta"):
         layers = nn.ModuleList(family.decoder_layer_class(span_config, local_index) for local_index in range(span.length))
-    span_model = SpanModel(config, family, span, layers, family.rotary_class(config=config)).eval()
-    span_model.requires_grad_(False)
-    return span_model
+    return _finish(config, family, span, layers)
 
 
 class ClientParts(nn.Module):

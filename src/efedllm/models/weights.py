@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -83,10 +83,11 @@ def _mixture_of_experts(config, path: Path):
     drops: such a file is a Mixtral (no sliding window: llama.cpp's files carry none)."""
     if config.model_type != "llama":
         return config
-    field = GGUFReader(path).fields.get("llama.expert_count")
+    fields = GGUFReader(path).fields  # parsed once: parsing a file's metadata costs ~160 MB
+    field = fields.get("llama.expert_count")
     if field is None or int(field.contents()) == 0:
         return config
-    used = GGUFReader(path).fields["llama.expert_used_count"].contents()
+    used = fields["llama.expert_used_count"].contents()
     settings = {key: value for key, value in config.to_dict().items() if key not in ("model_type", "architectures")}
     return MixtralConfig(**{**settings, "num_local_experts": int(field.contents()), "num_experts_per_tok": int(used),
                             "sliding_window": None, "architectures": ["MixtralForCausalLM"]})
@@ -122,17 +123,19 @@ class TensorReader:
         return {hf: prefix + hf for hf in self.family.layer_tensors.values()}
 
     def read_layer(self, layer_index: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """One block's parameters by their names inside a decoder layer: the plain ones as stored, the
-        family's composite ones (a Mixtral layer's experts, fused) built from the tensors they come from."""
-        names = self.layer_names(layer_index)
-        stored = self.read(names.values(), dtype)
-        tensors = {param: stored[name] for param, name in names.items()}
+        """One block's parameters by their names inside a decoder layer (all at once; see :meth:`iter_layer`)."""
+        return dict(self.iter_layer(layer_index, dtype))
+
+    def iter_layer(self, layer_index: int, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """One block's parameters, one tensor at a time: the plain ones as stored, then the family's
+        composite ones (a Mixtral layer's experts, fused) built from the tensors they come from."""
+        for param, name in self.layer_names(layer_index).items():
+            yield param, self.read([name], dtype)[name]
         gguf = self.source.kind is SourceKind.GGUF
         prefix = f"blk.{layer_index}." if gguf else f"{self.family.hf_layer_prefix}{layer_index}."
         for param, (suffixes, combine) in self.family.composite_tensors(self.config, gguf).items():
             parts = self.read([prefix + suffix for suffix in suffixes], dtype)
-            tensors[param] = combine([parts[prefix + suffix] for suffix in suffixes])
-        return tensors
+            yield param, combine([parts.pop(prefix + suffix) for suffix in suffixes])
 
     def available(self) -> set[str]:
         if self.source.kind is SourceKind.GGUF:
@@ -160,12 +163,21 @@ class TensorReader:
             if name not in index:
                 raise KeyError(f"tensor {name!r} is not in {self.source.path}")
             entry = index[name]
-            raw = np.memmap(self.source.path, dtype=entry["dtype"], mode="r", offset=entry["offset"], shape=tuple(entry["shape"]))
+            raw = self._read_gguf_bytes(entry)
             array = dequantize(raw, GGMLQuantizationType(entry["type"]))  # float32 [rows, cols]
             array = self.family.fix_gguf_tensor(array, name, self.config)
             result[name] = torch.from_numpy(np.array(array, dtype=np.float32, copy=True)).to(dtype)
             del raw
         return result
+
+    def _read_gguf_bytes(self, entry: dict) -> np.ndarray:
+        """A tensor's stored bytes, read (not memory-mapped: mapped pages would stay in this process's RSS
+        until the map is collected, ~40 MB for 10 SmolLM2 blocks)."""
+        dtype, shape = np.dtype(entry["dtype"]), tuple(entry["shape"])
+        with open(self.source.path, "rb") as handle:
+            handle.seek(entry["offset"])
+            data = handle.read(int(np.prod(shape)) * dtype.itemsize)
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
 
     def _safetensors_index(self) -> dict[str, Path]:
         if not hasattr(self, "_index"):

@@ -9,6 +9,7 @@ from efedllm.common.dtypes import parse_dtype
 from efedllm.common.peers import parse_peer_id
 from efedllm.common.spans import Span
 from efedllm.compression.apply import CompressionConfig
+from efedllm.models.quantization import parse_quantization, weight_format
 from efedllm.dht.quorum import check_trusted_verifiers
 from efedllm.protocol.codec import WIRE_FORMATS
 from efedllm.server.admission import AdmissionPolicy
@@ -24,7 +25,8 @@ class ServerConfig:
     ``weights_from`` names a peer (base58 id) to fetch the first span's weights from instead of
     reading them from the model file (moves read the file). ``wire_formats`` are the formats it
     accepts and sends; ``fault`` injects a fault mode (tests and benchmarks of the verifier only),
-    its random draws seeded with ``fault_seed``.
+    its random draws seeded with ``fault_seed``. ``quant="int8"`` keeps the span's projection weights
+    in int8 (:mod:`efedllm.models.quantization`); the server then announces ``<dtype>+int8``.
     Servers deactivated by ``verifier_quorum`` of the ``trusted_verifier_keys`` count as absent when
     choosing blocks (no keys: none are). ``torch_threads`` is the compute threads (None: torch's
     default, every core). ``ready_file``: once the server is online, it writes there a JSON object
@@ -41,6 +43,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     dtype: str = "float32"
+    quant: str | None = None
     max_sessions: int = 16
     max_session_length: int = 2048
     wire_formats: tuple[str, ...] = WIRE_FORMATS
@@ -89,12 +92,20 @@ class ServerConfig:
         if unknown or not self.wire_formats:
             raise ValueError(f"unknown or no wire format(s) {sorted(unknown)}; choose from {list(WIRE_FORMATS)}")
         parse_dtype(self.dtype)
+        parse_quantization(self.quant)
+        if self.quant is not None and self.compression is not None:
+            raise ValueError("--quant and SVD compression (--svd-ratio / --svd-energy) cannot be combined yet: choose one")
         if self.fault is not None:
             parse_fault(self.fault)  # a bad --fault is reported before anything loads
         if self.weights_from is not None:
             parse_peer_id(self.weights_from)
         if self.announce_interval <= 0 or self.rebalance_interval <= 0 or (self.torch_threads is not None and self.torch_threads < 1):
             raise ValueError("intervals must be > 0 and torch_threads >= 1")
+
+    @property
+    def weight_format(self) -> str:
+        """What the server announces and certifies: its dtype, plus ``+int8`` for int8 weights."""
+        return weight_format(self.dtype, self.quant)
 
     @property
     def host_maddrs(self) -> list[str]:

@@ -28,6 +28,7 @@ from efedllm.dht.identity import Identity, certify_receipt_key, start_dht
 from efedllm.dht.signed import owner_key
 from efedllm.dht.verdicts import deactivated_peers_in_dht, fetch_verdicts
 from efedllm.models.sessions import SpanSessions
+from efedllm.models.quantization import quantize_module
 from efedllm.models.span import SpanModel, load_span
 from efedllm.models.weights import model_blocks
 from efedllm.server.block_selection import block_coverage, choose_move, choose_window
@@ -90,7 +91,7 @@ class Server:
         identity = Identity.load_or_create(path) if path is not None else Identity.generate()
         self.validator = identity.validator  # records are signed by the key the peer id derives from
         self.signer = ReceiptSigner()  # a new receipt key each start, vouched for by the identity key
-        self.certificate = certify_receipt_key(identity, self.signer.public_bytes, self.config.dtype, time.time())
+        self.certificate = certify_receipt_key(identity, self.signer.public_bytes, self.config.weight_format, time.time())
         self.dht = start_dht(identity, path, initial_peers=list(self.config.initial_peers) or None,
                              host_maddrs=self.config.host_maddrs)
         self.p2p = await self.dht.replicate_p2p()
@@ -131,7 +132,7 @@ class Server:
         self._write_ready_file()
 
     def _load_span_model(self, span: Span) -> SpanModel:
-        model = load_span(self.config.model, span.start, span.end, self.config.dtype)
+        model = load_span(self.config.model, span.start, span.end, self.config.dtype, self.config.quant)
         if self.config.compression:
             compress_span(model, self.config.model, self.config.compression)
         return model
@@ -146,6 +147,8 @@ class Server:
               f"(ratio {header.payload_bytes / header.dense_bytes:.4f})", flush=True)
         if still_to_compress:
             await self._compute(compress_span, model, self.config.model, self.config.compression)
+        for layer in model.layers:
+            quantize_module(layer, self.config.quant)
         return model
 
     def _build_fault(self, model: SpanModel) -> FaultMode | None:
@@ -229,7 +232,7 @@ class Server:
             software_version=__version__,
             issued_at=get_dht_time(),
             wire_formats=tuple(self.config.wire_formats),
-            dtype=self.config.dtype,
+            dtype=self.config.weight_format,
         )
 
     def _announce(self, state: ServerState) -> int:

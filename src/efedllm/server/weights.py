@@ -32,6 +32,7 @@ from efedllm.compression.transfer import (
     pack_layers,
     unpack_layers,
 )
+from efedllm.models.quantization import is_quantized
 from efedllm.models.span import empty_span
 from efedllm.protocol import codec
 from efedllm.protocol.messages import Reply, WeightsHeader, WeightsRequest
@@ -48,6 +49,8 @@ class WeightsTransferError(TransferError):
 
 def pack_span_weights(span_model, blocks: Span, compression: dict | None) -> tuple[WeightsHeader, bytes]:
     """Header and payload of ``blocks`` (inside ``span_model``'s span), factors where compressed."""
+    if is_quantized(span_model):  # int8 weights would reach the receiver already rounded: it reads its own file
+        raise RecordError("this server holds int8-quantised weights and does not hand them on; fetch from a float server")
     if not span_model.span.contains(blocks):
         raise RecordError(f"blocks {blocks} are not inside this server's span {span_model.span}")
     first, last = blocks.start - span_model.span.start, blocks.end - span_model.span.start

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from efedllm.models.comparison import compare_outputs
+from efedllm.models.quantization import quantize_module
 from efedllm.server.faults import parse_fault
 
 pytestmark = pytest.mark.slow
@@ -51,6 +52,18 @@ def test_honest_bfloat16_server_passes_every_probe(probes, start, end):
     for hidden_states in runs:
         reference = run_span(model, model.model.layers[start:end], hidden_states[start])
         comparison = compare_outputs(reference, run_span(model, server, hidden_states[start], torch.bfloat16))
+        assert comparison.passed, comparison
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("start, end", [(0, 10), (10, 20), (20, 30)])
+def test_honest_int8_server_passes_every_probe(probes, start, end, dtype):
+    """int8 weights (announced as ``<dtype>+int8``) get the same tolerances as bfloat16: they must fit them."""
+    model, runs = probes
+    server = quantize_module(copy.deepcopy(model.model.layers[start:end]).to(dtype), "int8")
+    for hidden_states in runs:
+        reference = run_span(model, model.model.layers[start:end], hidden_states[start])
+        comparison = compare_outputs(reference, run_span(model, server, hidden_states[start], dtype))
         assert comparison.passed, comparison
 
 
