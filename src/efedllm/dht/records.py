@@ -36,7 +36,8 @@ class ServerInfo(WireRecord, kind="server record", version=RECORD_VERSION):
     owner key its DHT records are signed with, whose libp2p peer id must be ``peer_id``
     (:mod:`efedllm.dht.identity`); ``issued_at`` (DHT time) orders a peer's records: a reader keeps
     the newest and rejects one dated beyond the clock skew. ``throughput`` is the server's own
-    claim: clients use it only as a capped prior (:mod:`efedllm.client.routing`).
+    claim: clients use it only as a capped prior (:mod:`efedllm.client.routing`). ``dtype`` is the
+    weight format the server computes in: a dtype, or ``<dtype>+int8`` for int8 weights.
     """
 
     peer_id: PeerId

@@ -27,6 +27,7 @@ from torch import nn
 QUANTIZATIONS: tuple[str, ...] = ("int8",)
 KERNEL_DTYPE = torch.bfloat16  # the activation dtype torch's int8 weight-only CPU kernel is fast for
 INT8_MAX = 127
+CHUNK_ELEMENTS = 1 << 22  # elements of a weight quantised at once
 
 
 def parse_quantization(quant: str | None) -> str | None:
@@ -49,11 +50,12 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(weight.shape[:-1], dtype=KERNEL_DTYPE)
     rows, flat_q, flat_s = weight.reshape(-1, weight.shape[-1]), q.view(-1, weight.shape[-1]), scales.view(-1)
-    for first in range(0, rows.shape[0], 4096):
-        chunk = rows[first:first + 4096].float()  # [≤4096, in]
-        scale = (chunk.abs().amax(dim=-1) / INT8_MAX).clamp_min(1e-12).to(KERNEL_DTYPE)  # [≤4096]
-        flat_q[first:first + 4096] = torch.round(chunk / scale.float().unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-        flat_s[first:first + 4096] = scale
+    step = max(1, CHUNK_ELEMENTS // rows.shape[1])  # rows per slice: float32 temporaries stay ~16 MB
+    for first in range(0, rows.shape[0], step):
+        chunk = rows[first:first + step].to(torch.float32, copy=True)  # [step, in] (divided in place below)
+        scale = (chunk.abs().amax(dim=-1) / INT8_MAX).clamp_min(1e-12).to(KERNEL_DTYPE)  # [step]
+        flat_q[first:first + step] = chunk.div_(scale.float().unsqueeze(-1)).round_().clamp_(-INT8_MAX, INT8_MAX)
+        flat_s[first:first + step] = scale
     return q, scales
 
 
