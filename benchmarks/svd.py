@@ -4,11 +4,13 @@ Prints one JSON line and writes ``benchmarks/svd.png`` (compression ratio vs ret
 perplexity: the paper's Fig. 5 on a real model, with the perplexity the paper lacks).
 
 Settings: WikiText-2 test (``../shared/data/wikitext2-test.raw``), first 8,192 tokens in 1,024-token
-windows, float32. Plain = eq. 15's uniform rank per matrix. Whitened = SVD-LLM whitening, ranks
+windows, float32. Plain = eq. 15's uniform rank per matrix (eq. 9's U, Σ, Vᵀ). Whitened = SVD-LLM whitening, ranks
 allocated under one parameter budget over all 30 blocks (``allocation="loss"``: each matrix's
 whitened output error weighed by its measured loss sensitivity, from one backward pass on 8 × 512
 tokens drawn with seed 1), sequential calibration on 32 × 512 tokens drawn (seed 0); all windows
-come from after token 65,536 of the same file (disjoint from the evaluation tokens).
+come from after token 65,536 of the same file (disjoint from the evaluation tokens). Whitened
+matrices are stored in the interpolative form (k·(m+n−k) numbers, the default) and, for comparison
+at the same budget, in eq. 9's form (``ppl_whitened_svd_form``).
 Decode step: one token with a 128-token KV cache through a 10-block span, dense vs eq. 15 low-rank.
 Transfer: the bytes ``--weights-from`` would send for blocks 0-9 against dense, both for those blocks
 of the whole-model allocation (``transfer_ratio``: the allocation gives early blocks more than C)
@@ -68,9 +70,14 @@ def _decode_step_ms(spans: dict, hidden_size: int) -> dict:
 def _ratio_row(ratio, client, body, spectra, sensitivities, calibration, token_ids, tokens, decode_span) -> dict:
     hidden_size = client.config.hidden_size
     plain_body = copy.deepcopy(body)
-    plain = compress_layers(plain_body.layers, CompressionConfig(ratio=ratio, method="plain", allocation="uniform"))
+    plain = compress_layers(plain_body.layers, CompressionConfig(ratio=ratio, method="plain", allocation="uniform", factor_form="svd"))
     plain_ppl = _perplexity(client, plain_body, token_ids, tokens)
     del plain_body
+    svd_form_body = copy.deepcopy(body)
+    svd_form = CompressionConfig(ratio=ratio, method="whitened", allocation="loss", factor_form="svd")
+    compress_layers(svd_form_body.layers, svd_form, calibration, span_layer_runner(svd_form_body), spectra, sensitivities)
+    svd_form_ppl = _perplexity(client, svd_form_body, token_ids, tokens)
+    del svd_form_body
     white_body = copy.deepcopy(body)
     config = CompressionConfig(ratio=ratio, method="whitened", allocation="loss")
     started = time.perf_counter()
@@ -79,13 +86,14 @@ def _ratio_row(ratio, client, body, spectra, sensitivities, calibration, token_i
     whitened_ppl = _perplexity(client, white_body, token_ids, tokens)
     transfer = transfer_size(white_body.layers[:DECODE_BLOCKS])
     uniform_span = copy.deepcopy(decode_span)
-    compress_layers(uniform_span.layers, CompressionConfig(ratio=ratio, method="plain", allocation="uniform"))
+    compress_layers(uniform_span.layers, CompressionConfig(ratio=ratio, method="plain", allocation="uniform", factor_form="svd"))
     allocated_span = copy.deepcopy(decode_span)
     allocated_span.layers = white_body.layers[:DECODE_BLOCKS]
     return {
         "ratio": ratio,
         "ppl_plain": round(plain_ppl, 2),
         "ppl_whitened": round(whitened_ppl, 2),
+        "ppl_whitened_svd_form": round(svd_form_ppl, 2),
         "energy_plain": round(plain.mean_retained_energy, 4),
         "energy_whitened_alloc": round(whitened.mean_retained_energy, 4),
         "achieved_ratio_whitened": round(whitened.achieved_ratio, 4),
@@ -114,7 +122,8 @@ def _plot(rows: list[dict], baseline: float, path: Path) -> None:
     energy_axis.plot(ratios, [row["energy_whitened_alloc"] for row in rows], "s-", label="whitened, allocated ranks")
     energy_axis.set(xlabel="compression ratio C (eq. 10)", ylabel="mean retained energy (eq. 12)", title="Energy kept (paper Fig. 5)")
     ppl_axis.semilogy(ratios, [row["ppl_plain"] for row in rows], "o-", label="plain SVD")
-    ppl_axis.semilogy(ratios, [row["ppl_whitened"] for row in rows], "s-", label="whitened + loss-weighted allocation")
+    ppl_axis.semilogy(ratios, [row["ppl_whitened_svd_form"] for row in rows], "^-", label="whitened + loss-weighted, eq. 9 form")
+    ppl_axis.semilogy(ratios, [row["ppl_whitened"] for row in rows], "s-", label="whitened + loss-weighted, interpolative form")
     ppl_axis.axhline(baseline, color="gray", linestyle="--", label=f"uncompressed ({baseline:.1f})")
     ppl_axis.set(xlabel="compression ratio C (eq. 10)", ylabel="WikiText-2 perplexity (log)", title="Perplexity (SmolLM2-135M)")
     for axis in (energy_axis, ppl_axis):
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress: a long run shows each ratio as it ends
     _plot(rows, baseline, args.png)
     print(json.dumps({"benchmark": "svd", "model": MODEL, "tokens": args.tokens, "window": 1024, "ppl_uncompressed": round(baseline, 2),
-                      "calibration": "32x512 tokens after token 65536, seed 0", "allocation": "loss",
+                      "calibration": "32x512 tokens after token 65536, seed 0", "allocation": "loss", "factor_form": "interpolative",
                       "sensitivity": "8x512 tokens after token 65536, seed 1", "sensitivity_s": round(sensitivity_s, 1), "rows": rows, "png": str(args.png)}))
     return 0
 

@@ -87,9 +87,15 @@ def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
         "--svd-method", choices=("plain", "whitened"), default="whitened", help="plain SVD or activation-whitened SVD (default)"
     )
     group.add_argument(
-        "--svd-allocation", choices=("global", "loss", "uniform"), default="global",
-        help="with --svd-ratio: one parameter budget over the span, matrices weighed by relative output error (default) "
-        "or by measured loss sensitivity (loss: best perplexity, one backward pass through the dense model), or eq. 15 per matrix",
+        "--svd-allocation", choices=("global", "loss", "uniform"), default=None,
+        help="with --svd-ratio: one parameter budget over the span, matrices weighed by measured loss sensitivity "
+        "(loss: the default for whitened, best perplexity; one backward pass through the dense model, which is loaded "
+        "for it) or by relative output error (global: the default for plain), or eq. 15 per matrix (uniform)",
+    )
+    group.add_argument(
+        "--svd-form", choices=("interpolative", "svd"), default="interpolative",
+        help="how a truncated matrix is stored: k of its rows and the rest as their combinations, k(m+n-k) numbers "
+        "(default), or eq. 9's U, S, V^T, k(m+n+1) numbers",
     )
     group.add_argument("--svd-algorithm", choices=("exact", "randomized"), default="exact")
     group.add_argument("--calibration-text", type=Path, help="text for whitening calibration (default: ../shared/data/wikitext2-test.raw)")
@@ -109,6 +115,7 @@ def compression_config_from_args(args: argparse.Namespace) -> CompressionConfig 
         energy=args.svd_energy,
         method=args.svd_method,
         allocation=args.svd_allocation,
+        factor_form=args.svd_form,
         algorithm=args.svd_algorithm,
         calibration_text=args.calibration_text,
         calibration_samples=args.calibration_samples,

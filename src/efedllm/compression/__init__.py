@@ -3,7 +3,7 @@
 Modules (importing this package is cheap: nothing is imported here):
 - ``rank``: eq. 9 parameter count, eq. 10 ratio, eq. 12 energy rule, eq. 15 ratio rule (pure).
 - ``svd``: exact and randomised (Halko–Martinsson–Tropp) truncated SVD.
-- ``lowrank``: ``LowRankLinear``, a linear layer as two thin matmuls.
+- ``lowrank``: ``LowRankLinear`` (eq. 9's factors) and ``InterpolativeLinear`` (k rows and their combinations), linear layers as two thin matmuls.
 - ``whitening``: activation-whitened truncation (SVD-LLM) from calibration Gram matrices.
 - ``allocation``: one global parameter budget split into per-matrix ranks (or dense).
 - ``sensitivity``: loss sensitivity of each projection's output, to weigh the allocation.

@@ -2,8 +2,9 @@
 
 Eq. 13 makes a compressed model's accuracy a product over its layers, so the log-accuracy is a
 sum and the budget should go where a rank buys the most. Each matrix j offers options: rank k
-(cost ``k·(m+n+1)``, loss ``w_j · Σ_{i>k} σ_i²``) or, when allowed, staying dense (cost ``m·n``,
-loss 0). With whitened singular values the tail is the exact output error on the calibration
+(cost ``k·(m+n+1)`` in eq. 9's form, ``k·(m+n−k)`` in the interpolative one; loss
+``w_j · Σ_{i>k} σ_i²``) or, when allowed, staying dense (cost ``m·n``, loss 0; in the interpolative
+form it replaces full rank, which costs the same). With whitened singular values the tail is the exact output error on the calibration
 inputs; ``w_j = 1 / Σ σ_i²`` makes it a relative error, comparable across matrices.
 
 The allocation minimises ``Σ_j loss_j + λ·Σ_j cost_j`` per matrix independently, bisects λ for
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from efedllm.compression.rank import rank_for_ratio
+from efedllm.compression.rank import FactorForm, interpolative_rank_for_ratio, rank_for_ratio
 
 BISECTION_STEPS = 100
 
@@ -46,14 +47,19 @@ class _Options:
     ranks: list[int | None]
 
 
-def _options(spectrum: MatrixSpectrum, allow_dense: bool) -> _Options:
+def _options(spectrum: MatrixSpectrum, allow_dense: bool, form: FactorForm = FactorForm.SVD) -> _Options:
     squares = spectrum.singular_values.double() ** 2
     tail = squares.flip(0).cumsum(0).flip(0)  # tail[i] = sum of squares from index i
     tail = torch.cat([tail[1:], tail.new_zeros(1)])  # loss of keeping rank i+1
     ranks = torch.arange(1, squares.numel() + 1, dtype=torch.float64)
-    costs = ranks * (spectrum.m + spectrum.n + 1)
+    if form is FactorForm.INTERPOLATIVE:
+        costs = ranks * (spectrum.m + spectrum.n - ranks)
+    else:
+        costs = ranks * (spectrum.m + spectrum.n + 1)
     losses = tail * spectrum.weight
     rank_list: list[int | None] = list(range(1, squares.numel() + 1))
+    if allow_dense and form is FactorForm.INTERPOLATIVE and squares.numel() > 1:
+        costs, losses, rank_list = costs[:-1], losses[:-1], rank_list[:-1]  # full rank costs m·n: keep it dense instead
     if allow_dense:
         costs = torch.cat([costs, costs.new_tensor([spectrum.m * spectrum.n])])
         losses = torch.cat([losses, losses.new_zeros(1)])
@@ -70,15 +76,15 @@ def _total_cost(options: list[_Options], choice: list[int]) -> float:
 
 
 def allocate_ranks(
-    spectra: Sequence[MatrixSpectrum], budget: float, allow_dense: bool = True
+    spectra: Sequence[MatrixSpectrum], budget: float, allow_dense: bool = True, form: FactorForm | str = FactorForm.SVD
 ) -> list[int | None]:
-    """Per matrix: a rank, or None for "keep dense", with total eq. 9 cost ≤ ``budget`` parameters.
+    """Per matrix: a rank, or None for "keep dense", with total cost in ``form`` ≤ ``budget`` parameters.
 
     Raises ValueError when even rank 1 everywhere exceeds the budget.
     """
     if not spectra:
         return []
-    options = [_options(spectrum, allow_dense) for spectrum in spectra]
+    options = [_options(spectrum, allow_dense, FactorForm(form)) for spectrum in spectra]
     minimum = _total_cost(options, [0] * len(options))
     if budget < minimum:
         raise ValueError(f"budget of {budget:.0f} parameters is below the rank-1 minimum of {minimum:.0f}")
@@ -118,6 +124,7 @@ def _fill_greedily(options: list[_Options], choice: list[int], budget: float) ->
         choice[j] = index
 
 
-def uniform_ranks(shapes: Sequence[tuple[int, int]], ratio: float) -> list[int]:
-    """Eq. 15 applied to every matrix alike (the paper's rule): ``⌊m·n·c / (m+n+1)⌋``."""
-    return [rank_for_ratio(m, n, ratio) for m, n in shapes]
+def uniform_ranks(shapes: Sequence[tuple[int, int]], ratio: float, form: FactorForm | str = FactorForm.SVD) -> list[int]:
+    """Eq. 15 applied to every matrix alike (the paper's rule, ``⌊m·n·c / (m+n+1)⌋``), or its interpolative analogue."""
+    rule = interpolative_rank_for_ratio if FactorForm(form) is FactorForm.INTERPOLATIVE else rank_for_ratio
+    return [rule(m, n, ratio) for m, n in shapes]

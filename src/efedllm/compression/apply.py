@@ -7,11 +7,13 @@ Call order of :func:`compress_layers` for the whitened method:
 2. *Ranks.* Eq. 15 per matrix (``allocation="uniform"``), or one global parameter budget
    ``C · Σ m·n`` split by :func:`allocate_ranks`, which may keep some matrices dense: matrices
    weighed by relative output error (``"global"``) or by measured loss sensitivity (``"loss"``,
-   sensitivities passed in by the caller);
+   the default for whitened ratios; sensitivities passed in by the caller). Costs are those of
+   the storage form (``factor_form``: the interpolative form by default, eq. 9's on request);
    the energy rule (eq. 12) applies to whitened energy, i.e. to the output on calibration inputs.
 3. *Sequential truncation.* Calibration runs again, now through the already-compressed layers:
    each layer's projections are whitened with Grams of the inputs they will really see, stage by
    stage (q/k/v, then o, then gate/up, then down), so errors of earlier stages are accounted for.
+   Each truncated projection is stored in ``factor_form`` before the next stage runs.
 
 The plain method needs no calibration: eq. 15 (ratio) or eq. 12 (energy) on W's own spectrum.
 """
@@ -28,8 +30,8 @@ import torch
 from torch import nn
 
 from efedllm.compression.allocation import MatrixSpectrum, allocate_ranks, uniform_ranks
-from efedllm.compression.lowrank import LowRankLinear, cast_factors, linear_nbytes
-from efedllm.compression.rank import parameter_count, rank_for_energy
+from efedllm.compression.lowrank import LowRankLinear, linear_nbytes, low_rank_module
+from efedllm.compression.rank import FactorForm, factor_parameter_count, rank_for_energy
 from efedllm.compression.svd import SvdAlgorithm, singular_values
 from efedllm.compression.output_fit import InputRecorder, output_fit_svd, paired_grams
 from efedllm.compression.whitening import GramCollector, whitened_singular_values, whitening_factor
@@ -59,7 +61,9 @@ class CompressionConfig:
     """How to compress a span. Exactly one of ``ratio`` (eq. 10) or ``energy`` (eq. 12) is set.
 
     ``ratio`` counts the span's projection parameters: a dense matrix costs m·n, a low-rank one
-    k·(m+n+1). Calibration (whitened only): ``calibration_samples`` windows of
+    k·(m+n−k) in the interpolative ``factor_form`` (the default) or k·(m+n+1) in eq. 9's ``"svd"``.
+    ``allocation`` defaults to ``"loss"`` for a whitened ratio (the best measured), ``"global"``
+    for a plain one and ``"uniform"`` for an energy. Calibration (whitened only): ``calibration_samples`` windows of
     ``calibration_length`` tokens from ``calibration_text`` (default: the shared WikiText-2 file),
     drawn with ``seed`` from the part of the text after ``calibration_offset`` tokens, so that
     they do not overlap the perplexity evaluation windows at the start of the file.
@@ -74,7 +78,8 @@ class CompressionConfig:
     ratio: float | None = None
     energy: float | None = None
     method: CompressionMethod = CompressionMethod.WHITENED
-    allocation: RankAllocation = RankAllocation.GLOBAL
+    allocation: RankAllocation | None = None
+    factor_form: FactorForm = FactorForm.INTERPOLATIVE
     algorithm: SvdAlgorithm = SvdAlgorithm.EXACT
     allow_dense: bool = True
     fit_dense_outputs: bool = False
@@ -86,7 +91,10 @@ class CompressionConfig:
     sensitivity_samples: int = 8
 
     def __post_init__(self) -> None:
-        for name, enum_type in (("method", CompressionMethod), ("allocation", RankAllocation), ("algorithm", SvdAlgorithm)):
+        if self.allocation is None:
+            object.__setattr__(self, "allocation", _default_allocation(self))
+        for name, enum_type in (("method", CompressionMethod), ("allocation", RankAllocation), ("algorithm", SvdAlgorithm),
+                                ("factor_form", FactorForm)):
             try:
                 object.__setattr__(self, name, enum_type(getattr(self, name)))
             except ValueError:
@@ -118,11 +126,18 @@ class CompressionConfig:
         """What determines the compressed weights, for comparing two peers' settings (the text's path excluded)."""
         return {
             "ratio": self.ratio, "energy": self.energy, "method": self.method.value, "allocation": self.allocation.value,
-            "algorithm": self.algorithm.value, "allow_dense": self.allow_dense,
+            "algorithm": self.algorithm.value, "factor_form": self.factor_form.value, "allow_dense": self.allow_dense,
             "fit_dense_outputs": self.fit_dense_outputs, "calibration_samples": self.calibration_samples,
             "calibration_length": self.calibration_length, "calibration_offset": self.calibration_offset, "seed": self.seed,
             "sensitivity_samples": self.sensitivity_samples,
         }
+
+
+def _default_allocation(config: CompressionConfig) -> RankAllocation:
+    """Loss-weighted for a whitened ratio (measured best), global for a plain ratio, per matrix for an energy."""
+    if config.energy is not None:
+        return RankAllocation.UNIFORM
+    return RankAllocation.LOSS if config.method == CompressionMethod.WHITENED else RankAllocation.GLOBAL
 
 
 @dataclass(frozen=True)
@@ -203,8 +218,8 @@ def _plain_ranks(config: CompressionConfig, weights: list[torch.Tensor], spectra
         budget = config.ratio * sum(weight.numel() for weight in weights)
         loss_weights = sensitivities if config.allocation is RankAllocation.LOSS else [allocation_weight(values) for values in spectra]
         problems = [MatrixSpectrum(*weight.shape, values, float(w)) for weight, values, w in zip(weights, spectra, loss_weights)]
-        return allocate_ranks(problems, budget, config.allow_dense)
-    return uniform_ranks([tuple(weight.shape) for weight in weights], config.ratio)
+        return allocate_ranks(problems, budget, config.allow_dense, config.factor_form)
+    return uniform_ranks([tuple(weight.shape) for weight in weights], config.ratio, config.factor_form)
 
 
 def allocation_weight(values: torch.Tensor) -> float:
@@ -280,8 +295,8 @@ def _check_hidden(hidden: torch.Tensor) -> None:
         raise ValueError("calibration hidden states contain NaN or infinite values")
 
 
-def _report(index: int, name: str, module: nn.Module, rank: int | None, shape: tuple[int, int]) -> MatrixReport:
-    count = shape[0] * shape[1] if rank is None else parameter_count(*shape, rank)
+def _report(index: int, name: str, module: nn.Module, rank: int | None, shape: tuple[int, int], form: FactorForm) -> MatrixReport:
+    count = shape[0] * shape[1] if rank is None else factor_parameter_count(*shape, rank, form)
     return MatrixReport(index, name, shape, rank, 1.0, None, count, linear_nbytes(module))
 
 
@@ -292,9 +307,10 @@ def _compress_plain(layers, config, ranks, spectra, stages) -> list[MatrixReport
             rank, values = ranks[position], spectra[position]
             shape = tuple(module.weight.shape)
             if rank is not None:
-                module = LowRankLinear.from_linear(module, rank, config.algorithm)
+                factors = LowRankLinear.from_linear(module, rank, config.algorithm).factors
+                module = low_rank_module(factors, module.bias, module.weight.dtype, config.factor_form)
                 _replace(layer, name, module)
-            report = _report(index, name, module, rank, shape)
+            report = _report(index, name, module, rank, shape, config.factor_form)
             reports.append(MatrixReport(index, name, shape, rank, _energy(values, rank), None, report.parameters, report.nbytes))
             position += 1
     return reports
@@ -320,9 +336,9 @@ def _compress_sequentially(layers, config, ranks, hidden, run_layer, stages) -> 
                 shape = tuple(module.weight.shape)
                 if layer_ranks[name] is not None:
                     reference = inputs[name] if dense_inputs is None else dense_inputs[name]
-                    module = _fitted(module, inputs[name], reference, layer_ranks[name], config.algorithm)
+                    module = _fitted(module, inputs[name], reference, layer_ranks[name], config)
                     _replace(layer, name, module)
-                reports.append(_report(index, name, module, layer_ranks[name], shape))
+                reports.append(_report(index, name, module, layer_ranks[name], shape, config.factor_form))
         with torch.no_grad():
             hidden = run_layer(index, hidden)
         dense_hidden = hidden if dense_output is None else dense_output
@@ -355,7 +371,7 @@ def _dense_inputs(layers: nn.ModuleList, index: int, hidden: torch.Tensor, run_l
     return inputs, output
 
 
-def _fitted(module: nn.Linear, inputs: torch.Tensor, reference: torch.Tensor, rank: int, algorithm: SvdAlgorithm) -> LowRankLinear:
+def _fitted(module: nn.Linear, inputs: torch.Tensor, reference: torch.Tensor, rank: int, config: CompressionConfig) -> nn.Module:
     gram, cross = paired_grams(inputs, reference)
-    factors = output_fit_svd(module.weight.detach(), whitening_factor(gram), cross, rank, algorithm)
-    return LowRankLinear(cast_factors(factors, module.weight.dtype), module.bias)
+    factors = output_fit_svd(module.weight.detach(), whitening_factor(gram), cross, rank, config.algorithm)
+    return low_rank_module(factors, module.bias, module.weight.dtype, config.factor_form)

@@ -138,7 +138,35 @@ def span_sensitivities(model: str, span, config) -> list[float]:
     prefix, a server loads the *dense* model for the purpose and drops it afterwards.
     """
     client = load_client_parts(model)
-    return projection_sensitivities(client, load_span(model, 0, client.config.num_hidden_layers), span, config)
+    blocks = client.config.num_hidden_layers
+    check_fits_in_memory(dense_block_bytes(client.config) * blocks, available_memory_bytes())
+    return projection_sensitivities(client, load_span(model, 0, blocks), span, config)
+
+
+def dense_block_bytes(config) -> int:
+    """float32 bytes of one decoder block of ``config`` (built on the meta device: nothing is allocated)."""
+    family = family_for(config.model_type)
+    with torch.device("meta"):
+        layer = family.decoder_layer_class(family.span_config(config, 0, 1), 0)
+    return 4 * sum(parameter.numel() for parameter in layer.parameters())
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo, or None where there is none."""
+    try:
+        with open("/proc/meminfo") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_fits_in_memory(needed: int, available: int | None) -> None:
+    """Refuse the loss-sensitivity pass up front when the dense model would not fit (pure, for tests)."""
+    if available is not None and needed > 0.8 * available:
+        raise ValueError(
+            f"--svd-allocation loss measures loss sensitivities on the whole dense model ({needed / 2**30:.1f} GiB in float32), "
+            f"more than this machine can hold ({available / 2**30:.1f} GiB available): pass --svd-allocation global")
 
 
 def projection_sensitivities(client, body, span, config) -> list[float]:

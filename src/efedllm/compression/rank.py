@@ -8,11 +8,24 @@ singular values hold a fraction e of ``Σ σ_i²``.
 
 Check against the paper's GPT-2 example: a 768 × 2304 matrix keeping 40% of its 768 singular
 values (k = 307) stores 307·3073 = 943,411 numbers, 53.32% of 1,769,472.
+
+The same rank-k matrix stored in *interpolative* form (k of its rows, and the other m − k rows as
+combinations of those: :class:`~efedllm.compression.lowrank.InterpolativeLinear`) needs only
+``k·(m + n − k)`` numbers, which is m·n exactly at full rank: low rank never costs more than dense,
+and a ratio buys a higher rank (at c = 0.8 a 1536 × 576 matrix keeps rank 417 instead of 334).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
+
+
+class FactorForm(str, enum.Enum):
+    """How a rank-k matrix is stored: eq. 9's ``U_k, Σ_k, V_kᵀ`` or the interpolative ``rows, mix`` form."""
+
+    SVD = "svd"  # k·(m + n + 1) numbers (the paper's)
+    INTERPOLATIVE = "interpolative"  # k·(m + n − k) numbers
 
 
 def _check_dimensions(m: int, n: int) -> None:
@@ -31,6 +44,19 @@ def parameter_count(m: int, n: int, k: int) -> int:
     """Eq. 9: numbers stored by a rank-k truncated SVD of an m × n matrix, ``k·(m + n + 1)``."""
     _check_rank(m, n, k)
     return k * (m + n + 1)
+
+
+def interpolative_parameter_count(m: int, n: int, k: int) -> int:
+    """Numbers stored by a rank-k m × n matrix in interpolative form: ``k·n + (m − k)·k``."""
+    _check_rank(m, n, k)
+    return k * (m + n - k)
+
+
+def factor_parameter_count(m: int, n: int, k: int, form: FactorForm | str = FactorForm.SVD) -> int:
+    """Numbers stored by a rank-k m × n matrix in ``form`` (bias excluded)."""
+    if FactorForm(form) is FactorForm.INTERPOLATIVE:
+        return interpolative_parameter_count(m, n, k)
+    return parameter_count(m, n, k)
 
 
 def compression_ratio(m: int, n: int, k: int) -> float:
@@ -55,6 +81,18 @@ def rank_for_ratio(m: int, n: int, ratio: float) -> int:
         raise ValueError(f"compression ratio must be in (0, 1], got {ratio!r}")
     # a tiny epsilon keeps exact products (e.g. c·mn = 3·(m+n+1)) from flooring one below
     rank = int(m * n * ratio / (m + n + 1) + 1e-9)
+    return max(1, min(rank, min(m, n)))
+
+
+def interpolative_rank_for_ratio(m: int, n: int, ratio: float) -> int:
+    """The largest k in [1, min(m, n)] with ``k·(m + n − k) ≤ c·m·n`` (the interpolative form's eq. 15)."""
+    rank_for_ratio(m, n, ratio)  # validates m, n and the ratio
+    s, budget = m + n, m * n * ratio * (1 + 1e-12)
+    rank = int((s - (s * s - 4 * budget) ** 0.5) / 2) if s * s >= 4 * budget else min(m, n)  # smaller root of k² − s·k + budget
+    while rank < min(m, n) and interpolative_parameter_count(m, n, rank + 1) <= budget:
+        rank += 1
+    while rank > 1 and interpolative_parameter_count(m, n, rank) > budget:
+        rank -= 1
     return max(1, min(rank, min(m, n)))
 
 
@@ -88,8 +126,8 @@ def retained_energy(singular_values: Sequence[float], k: int) -> float:
     return 1.0 if total == 0.0 else sum(squares[:k]) / total
 
 
-def stored_bytes(m: int, n: int, k: int | None, element_bytes: int = 4) -> int:
-    """Bytes of a matrix kept dense (``k is None``: m·n) or as eq. 9's factors (k·(m+n+1))."""
+def stored_bytes(m: int, n: int, k: int | None, element_bytes: int = 4, form: FactorForm | str = FactorForm.SVD) -> int:
+    """Bytes of a matrix kept dense (``k is None``: m·n) or as rank-k factors in ``form`` (default eq. 9's)."""
     _check_dimensions(m, n)
-    count = m * n if k is None else parameter_count(m, n, k)
+    count = m * n if k is None else factor_parameter_count(m, n, k, form)
     return count * element_bytes

@@ -1,13 +1,15 @@
 """Compressed weight transfer (paper §4.2): a span's layers packed to bytes, factors or dense.
 
-A compressed projection travels as its eq. 9 factors U_k, Σ_k, V_kᵀ (``k·(m+n+1)`` numbers); a
-dense one, and everything else in a layer (norms), as the dense tensor. The format is msgpack,
+A compressed projection travels as it is stored: eq. 9's factors U_k, Σ_k, V_kᵀ (``k·(m+n+1)``
+numbers) or the interpolative form's rows, mix and row order (``k·(m+n−k)`` numbers and m indices);
+a dense one, and everything else in a layer (norms), as the dense tensor. The format is msgpack,
 versioned, and validated strictly on unpacking (version, names, dtypes, shapes against byte
 lengths, finite values): the bytes come from a peer.
 
 Call order: sender ``pack_layers(layers, start)``; receiver ``unpack_layers(payload)`` then
 ``load_packed_layers(layers, packed)`` into freshly built (dense, uninitialised) layers of the
-same architecture, which replaces the projections that arrived as factors by LowRankLinear.
+same architecture, which replaces the projections that arrived as factors by LowRankLinear or
+InterpolativeLinear.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from torch import nn
 
 from efedllm.common.dtypes import DTYPES, dtype_name
 from efedllm.common.errors import EfedllmError
-from efedllm.compression.lowrank import LowRankLinear
+from efedllm.compression.lowrank import InterpolativeLinear, LowRankLinear
 from efedllm.compression.svd import SvdFactors
 
-TRANSFER_VERSION = 1
+TRANSFER_VERSION = 2  # 2: interpolative projections (rows, mix, order)
 MAX_TENSORS_PER_LAYER = 64
 MAX_LAYERS = 1024
 FACTOR_NAMES = ("U", "S", "Vh")
+INTERPOLATIVE_NAMES = ("rows", "mix", "order")
+TENSOR_DTYPES = {**DTYPES, "int64": torch.int64}  # int64: an interpolative projection's row order
 
 
 class TransferError(EfedllmError, ValueError):
@@ -37,7 +41,7 @@ class TransferError(EfedllmError, ValueError):
 
 @dataclass(frozen=True)
 class PackedSpan:
-    """Per layer index: its state (tensor name -> tensor); factor triples keep their ``.U/.S/.Vh`` names."""
+    """Per layer index: its state (tensor name -> tensor); factors keep their ``.U/.S/.Vh`` or ``.rows/.mix/.order`` names."""
 
     start: int
     layers: tuple[dict[str, torch.Tensor], ...]
@@ -59,6 +63,8 @@ class TransferSize:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
+    if dtype == torch.int64:
+        return "int64"
     try:
         return dtype_name(dtype)
     except ValueError:
@@ -86,11 +92,11 @@ def _require(condition: bool, message: str) -> None:
 
 def _decode(name: str, record) -> torch.Tensor:
     _require(isinstance(record, dict) and set(record) == {"dtype", "shape", "data"}, f"tensor {name}: malformed record")
-    _require(record["dtype"] in DTYPES, f"tensor {name}: unknown dtype {record['dtype']!r}")
+    _require(record["dtype"] in TENSOR_DTYPES, f"tensor {name}: unknown dtype {record['dtype']!r}")
     shape = record["shape"]
     valid_shape = isinstance(shape, list) and len(shape) <= 4 and all(isinstance(d, int) and d >= 0 for d in shape)
     _require(valid_shape, f"tensor {name}: bad shape {shape!r}")
-    dtype = DTYPES[record["dtype"]]
+    dtype = TENSOR_DTYPES[record["dtype"]]
     data = record["data"]
     expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
     _require(isinstance(data, bytes), f"tensor {name}: data must be bytes")
@@ -122,8 +128,8 @@ def unpack_layers(payload: bytes) -> PackedSpan:
     return PackedSpan(message["start"], tuple(decoded), len(payload))
 
 
-def _factored_modules(state: dict[str, torch.Tensor]) -> set[str]:
-    return {name[: -len(".U")] for name in state if name.endswith(".U")}
+def _factored_modules(state: dict[str, torch.Tensor], first_part: str) -> set[str]:
+    return {name[: -len(first_part) - 1] for name in state if name.endswith("." + first_part)}
 
 
 def load_packed_layers(layers: nn.ModuleList, packed: PackedSpan, assign: bool = False) -> None:
@@ -134,22 +140,48 @@ def load_packed_layers(layers: nn.ModuleList, packed: PackedSpan, assign: bool =
     """
     _require(len(layers) == len(packed.layers), f"payload has {len(packed.layers)} layers, the span has {len(layers)}")
     for index, (layer, state) in enumerate(zip(layers, packed.layers)):
-        for module_name in _factored_modules(state):
-            try:
-                target = layer.get_submodule(module_name)
-            except AttributeError:
-                raise TransferError(f"layer {index}: no module {module_name!r}") from None
-            missing = [part for part in FACTOR_NAMES if f"{module_name}.{part}" not in state]
-            _require(not missing, f"layer {index}: {module_name} lacks factor(s) {missing}")
-            factors = SvdFactors(*(state[f"{module_name}.{part}"] for part in FACTOR_NAMES))
-            _check_factors(index, module_name, factors, target)
-            bias = state.get(f"{module_name}.bias")
-            parent, _, child = module_name.rpartition(".")
-            setattr(layer.get_submodule(parent) if parent else layer, child, LowRankLinear(factors, bias))
+        for parts, build in ((FACTOR_NAMES, _svd_module), (INTERPOLATIVE_NAMES, _interpolative_module)):
+            for module_name in _factored_modules(state, parts[0]):
+                target = _target(layer, index, module_name)
+                missing = [part for part in parts if f"{module_name}.{part}" not in state]
+                _require(not missing, f"layer {index}: {module_name} lacks factor(s) {missing}")
+                tensors = [state[f"{module_name}.{part}"] for part in parts]
+                module = build(index, module_name, tensors, state.get(f"{module_name}.bias"), target)
+                parent, _, child = module_name.rpartition(".")
+                setattr(layer.get_submodule(parent) if parent else layer, child, module)
         try:
             layer.load_state_dict(state, strict=True, assign=assign)
         except RuntimeError as error:
             raise TransferError(f"layer {index}: state does not match the architecture: {error}") from None
+
+
+def _target(layer: nn.Module, index: int, module_name: str) -> nn.Module:
+    try:
+        return layer.get_submodule(module_name)
+    except AttributeError:
+        raise TransferError(f"layer {index}: no module {module_name!r}") from None
+
+
+def _svd_module(index: int, name: str, tensors: list[torch.Tensor], bias, target: nn.Module) -> LowRankLinear:
+    factors = SvdFactors(*tensors)
+    _check_factors(index, name, factors, target)
+    return LowRankLinear(factors, bias)
+
+
+def _interpolative_module(index: int, name: str, tensors: list[torch.Tensor], bias, target: nn.Module) -> InterpolativeLinear:
+    rows, mix, order = tensors
+    in_features, out_features = getattr(target, "in_features", None), getattr(target, "out_features", None)
+    _require(rows.dim() == 2 and mix.dim() == 2 and order.dim() == 1, f"layer {index}: {name} rows, mix, order must be 2-D, 2-D, 1-D")
+    _require(rows.is_floating_point() and mix.is_floating_point() and order.dtype == torch.int64,
+             f"layer {index}: {name} rows and mix must be floating point, order int64")
+    rank = rows.shape[0]
+    fits = rows.shape[1] == in_features and mix.shape == (out_features - rank, rank) and order.shape == (out_features,)
+    shapes = f"{tuple(rows.shape)}, {tuple(mix.shape)}, {tuple(order.shape)}"
+    _require(fits, f"layer {index}: {name} interpolative shapes {shapes} do not fit [{out_features}, {in_features}]")
+    try:
+        return InterpolativeLinear(rows, mix, order, bias)
+    except ValueError as error:
+        raise TransferError(f"layer {index}: {name}: {error}") from None
 
 
 def _check_factors(index: int, name: str, factors: SvdFactors, target: nn.Module) -> None:
@@ -162,11 +194,11 @@ def _check_factors(index: int, name: str, factors: SvdFactors, target: nn.Module
 
 
 def _dense_state(layer: nn.Module) -> dict[str, torch.Tensor]:
-    """The layer's state with every LowRankLinear replaced by its reconstructed dense weight."""
+    """The layer's state with every low-rank projection replaced by its reconstructed dense weight."""
     state = dict(layer.state_dict())
     for name, module in layer.named_modules():
-        if isinstance(module, LowRankLinear):
-            for part in FACTOR_NAMES:
+        if isinstance(module, (LowRankLinear, InterpolativeLinear)):
+            for part in FACTOR_NAMES if isinstance(module, LowRankLinear) else INTERPOLATIVE_NAMES:
                 del state[f"{name}.{part}"]
             state[f"{name}.weight"] = module.dense_weight()
     return state

@@ -55,6 +55,18 @@ def sliding_everywhere(config) -> list[str]:
     return [kind] * config.num_hidden_layers
 
 
+@dataclass(frozen=True)
+class CompositeTensor:
+    """A parameter no checkpoint stores as it is (Mixtral's fused experts): a ``shape`` tensor whose
+    ``parts`` are stored tensors, each copied to its index (a tuple over the leading dimensions).
+
+    A loader allocates the parameter once and fills it one stored tensor at a time, so it never holds
+    more than the parameter plus one part."""
+
+    shape: tuple[int, ...]
+    parts: tuple[tuple[str, tuple], ...]  # (stored tensor's suffix in the block, index into the parameter)
+
+
 def no_composites(config, gguf: bool) -> dict:
     return {}
 
@@ -105,8 +117,8 @@ class ModelFamily:
     gguf_lm_head: str = "output.weight"
     fix_gguf_tensor: Callable[[np.ndarray, str, object], np.ndarray] = field(default=_identity)
     to_gguf_tensor: Callable[[np.ndarray, str, object], np.ndarray] = field(default=_identity)  # llama.cpp's conversion
-    # parameter -> (the block's tensors it is built from, how): for parameters no checkpoint stores as they are
-    composite_tensors: Callable[[object, bool], dict[str, tuple[tuple[str, ...], Callable]]] = field(default=no_composites)
+    # parameter -> the block's stored tensors it is built from, and where each goes
+    composite_tensors: Callable[[object, bool], dict[str, CompositeTensor]] = field(default=no_composites)
     # llama.cpp's tensors for the composite parameters of one block, from its HF tensors (name suffix -> array)
     to_gguf_composites: Callable[[object, dict], dict[str, np.ndarray]] = field(default=lambda config, tensors: {})
 

@@ -5,41 +5,40 @@ transformers keeps a layer's experts fused (``mlp.experts.gate_up_proj`` [E, 2·
 them per expert (``block_sparse_moe.experts.{e}.w1/w3/w2``, ``block_sparse_moe.gate``) and
 llama.cpp stacked (``ffn_gate_exps`` / ``ffn_up_exps`` [E, I, H], ``ffn_down_exps`` [E, H, I],
 ``ffn_gate_inp`` [E, H]) in a ``llama`` GGUF file with an expert count, which transformers cannot
-read (:func:`efedllm.models.weights.load_config` does). The composite tensors build one from the other.
+read (:func:`efedllm.models.weights.load_config` does). The composite tensors say where each stored
+tensor goes in the fused ones, so a loader fills them one stored tensor at a time.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from transformers.models.mixtral.configuration_mixtral import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, MixtralRMSNorm, MixtralRotaryEmbedding
 
-from efedllm.models.family import ModelFamily, sliding_everywhere
+from efedllm.models.family import CompositeTensor, ModelFamily, sliding_everywhere
 from efedllm.models.llama import LLAMA_LAYER_TENSORS, fix_llama_gguf_tensor, llama_to_gguf_tensor
 
 ATTENTION_TENSORS = {gguf: hf for gguf, hf in LLAMA_LAYER_TENSORS.items() if not gguf.startswith("ffn_") or gguf == "ffn_norm.weight"}
 ATTENTION_STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
 
 
-def _stack_gate_up(parts: list[torch.Tensor]) -> torch.Tensor:
-    gates, ups = parts[: len(parts) // 2], parts[len(parts) // 2:]
-    return torch.stack([torch.cat([gate, up]) for gate, up in zip(gates, ups)])  # [E, 2·I, H]
-
-
-def mixtral_composites(config, gguf: bool) -> dict:
+def mixtral_composites(config, gguf: bool) -> dict[str, CompositeTensor]:
     """The fused experts and the router of one block, from the tensors a checkpoint or a GGUF file holds."""
-    if gguf:
-        return {"mlp.experts.gate_up_proj": (("ffn_gate_exps.weight", "ffn_up_exps.weight"),
-                                             lambda parts: torch.cat(parts, dim=1)),  # [E, I, H] twice -> [E, 2·I, H]
-                "mlp.experts.down_proj": (("ffn_down_exps.weight",), lambda parts: parts[0]),
-                "mlp.gate.weight": (("ffn_gate_inp.weight",), lambda parts: parts[0])}
-    experts = range(config.num_local_experts)
-    gate_up = tuple(f"block_sparse_moe.experts.{e}.w1.weight" for e in experts) + tuple(
-        f"block_sparse_moe.experts.{e}.w3.weight" for e in experts)
-    return {"mlp.experts.gate_up_proj": (gate_up, _stack_gate_up),
-            "mlp.experts.down_proj": (tuple(f"block_sparse_moe.experts.{e}.w2.weight" for e in experts), torch.stack),
-            "mlp.gate.weight": (("block_sparse_moe.gate.weight",), lambda parts: parts[0])}
+    experts, hidden, intermediate = config.num_local_experts, config.hidden_size, config.intermediate_size
+    gate, up = slice(0, intermediate), slice(intermediate, 2 * intermediate)
+    shapes = {"mlp.experts.gate_up_proj": (experts, 2 * intermediate, hidden), "mlp.experts.down_proj": (experts, hidden, intermediate),
+              "mlp.gate.weight": (experts, hidden)}
+    if gguf:  # llama.cpp stacks the experts: [E, I, H] gate and up, [E, H, I] down
+        parts = {"mlp.experts.gate_up_proj": (("ffn_gate_exps.weight", (slice(None), gate)), ("ffn_up_exps.weight", (slice(None), up))),
+                 "mlp.experts.down_proj": (("ffn_down_exps.weight", ()),),
+                 "mlp.gate.weight": (("ffn_gate_inp.weight", ()),)}
+    else:  # one tensor per expert: w1 (gate) and w3 (up) [I, H], w2 (down) [H, I]
+        stored = "block_sparse_moe.experts.{}.{}.weight"
+        parts = {"mlp.experts.gate_up_proj": tuple((stored.format(e, "w1"), (e, gate)) for e in range(experts))
+                 + tuple((stored.format(e, "w3"), (e, up)) for e in range(experts)),
+                 "mlp.experts.down_proj": tuple((stored.format(e, "w2"), (e,)) for e in range(experts)),
+                 "mlp.gate.weight": (("block_sparse_moe.gate.weight", ()),)}
+    return {name: CompositeTensor(shapes[name], parts[name]) for name in shapes}
 
 
 def mixtral_to_gguf(config, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

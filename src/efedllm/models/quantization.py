@@ -120,6 +120,17 @@ class Int8Experts(nn.Module):
                 state_dict[f"{prefix}{name}_int8"], state_dict[f"{prefix}{name}_scales"] = quantize_rows(weight)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
+    def load_part(self, name: str, index: tuple, part: torch.Tensor) -> None:
+        """Quantise one stored part of ``name`` (``gate_up_proj`` or ``down_proj``) into its rows at ``index``."""
+        q, scales = getattr(self, f"{name}_int8"), getattr(self, f"{name}_scales")
+        if q.is_meta:  # the first part allocates the whole int8 tensor, never a float one
+            q, scales = torch.empty(q.shape, dtype=torch.int8), torch.empty(scales.shape, dtype=KERNEL_DTYPE)
+            setattr(self, f"{name}_int8", q)
+            setattr(self, f"{name}_scales", scales)
+        if tuple(q[index].shape) != tuple(part.shape):
+            raise ValueError(f"{name}: a stored part of shape {tuple(part.shape)} does not fit {tuple(q[index].shape)}")
+        q[index], scales[index] = quantize_rows(part)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         # hidden_states [tokens, H]; top_k_index / top_k_weights [tokens, k]
         final = torch.zeros_like(hidden_states)
@@ -165,6 +176,26 @@ def quantize_module(module: nn.Module, quant: str | None) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, child, shell)
     return module
+
+
+def fill_composite_part(layer: nn.Module, name: str, part, dtype: torch.dtype) -> None:
+    """Copy one stored part (a ``StoredPart`` with its composite and index) into parameter ``name`` of
+    ``layer``: allocated on the first part, quantised on arrival when the owner is an int8 module."""
+    owner_name, _, attribute = name.rpartition(".")
+    owner = layer.get_submodule(owner_name)
+    if isinstance(owner, Int8Experts):
+        owner.load_part(attribute, part.index, part.tensor)
+        return
+    current = getattr(owner, attribute)
+    if tuple(current.shape) != tuple(part.composite.shape):
+        raise ValueError(f"{name}: the layer expects shape {tuple(current.shape)}, the checkpoint builds {part.composite.shape}")
+    if current.is_meta:
+        current = nn.Parameter(torch.empty(part.composite.shape, dtype=dtype), requires_grad=False)
+        setattr(owner, attribute, current)
+    target = current.data[part.index]
+    if tuple(target.shape) != tuple(part.tensor.shape):
+        raise ValueError(f"{name}: a stored part of shape {tuple(part.tensor.shape)} does not fit {tuple(target.shape)}")
+    target.copy_(part.tensor)
 
 
 def unloaded_tensors(module: nn.Module) -> list[str]:

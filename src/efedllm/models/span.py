@@ -16,7 +16,7 @@ from efedllm.common.dtypes import parse_dtype
 from efedllm.common.spans import Span
 from efedllm.models.family import SLIDING, ModelFamily
 from efedllm.models.progress import loading_progress
-from efedllm.models.quantization import parse_quantization, quantized_shell, unloaded_tensors
+from efedllm.models.quantization import fill_composite_part, parse_quantization, quantized_shell, unloaded_tensors
 from efedllm.models.sources import resolve_model
 from efedllm.models.weights import load_tokenizer, open_model
 
@@ -128,11 +128,12 @@ def load_span(model: str, start: int, end: int, dtype: str | torch.dtype = torch
     for local_index, block in enumerate(loading_progress(range(start, end), f"blocks {span} of {source.name}")):
         with torch.device("meta"):
             layer = quantized_shell(family.decoder_layer_class(span_config, local_index), quant)
-        for name, tensor in reader.iter_layer(block, dtype):
-            result = layer.load_state_dict({name: tensor}, strict=False, assign=True)
-            if result.unexpected_keys:
+        for name, part in reader.iter_layer(block, dtype):
+            if part.composite is not None:
+                fill_composite_part(layer, name, part, dtype)
+            elif layer.load_state_dict({name: part.tensor}, strict=False, assign=True).unexpected_keys:
                 raise ValueError(f"block {block} of {source.name}: unexpected tensor {name}")
-            del tensor
+            del part
         if missing := unloaded_tensors(layer):
             raise ValueError(f"block {block} of {source.name}: tensors {missing[:4]} are missing from the checkpoint")
         layers.append(layer)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -22,7 +23,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, MixtralConfig
 
 from efedllm.models.families import family_for
-from efedllm.models.family import ModelFamily
+from efedllm.models.family import CompositeTensor, ModelFamily
 from efedllm.models.sources import ModelSource, SourceKind, cache_directory, resolve_model
 
 
@@ -109,6 +110,15 @@ def load_tokenizer(source: ModelSource):
     return AutoTokenizer.from_pretrained(cached)
 
 
+@dataclass(frozen=True)
+class StoredPart:
+    """One stored tensor of a block: a whole parameter, or (``composite`` set) the part of one at ``index``."""
+
+    tensor: torch.Tensor
+    composite: CompositeTensor | None = None
+    index: tuple = ()
+
+
 class TensorReader:
     """Reads named tensors (Hugging Face names) from a GGUF file or a safetensors checkpoint."""
 
@@ -123,19 +133,25 @@ class TensorReader:
         return {hf: prefix + hf for hf in self.family.layer_tensors.values()}
 
     def read_layer(self, layer_index: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """One block's parameters by their names inside a decoder layer (all at once; see :meth:`iter_layer`)."""
-        return dict(self.iter_layer(layer_index, dtype))
+        """One block's parameters by their names inside a decoder layer, composite ones assembled."""
+        result = {}
+        for param, part in self.iter_layer(layer_index, dtype):
+            if part.composite is None:
+                result[param] = part.tensor
+            else:
+                result.setdefault(param, torch.empty(part.composite.shape, dtype=dtype))[part.index] = part.tensor
+        return result
 
-    def iter_layer(self, layer_index: int, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """One block's parameters, one tensor at a time: the plain ones as stored, then the family's
-        composite ones (a Mixtral layer's experts, fused) built from the tensors they come from."""
+    def iter_layer(self, layer_index: int, dtype: torch.dtype) -> Iterator[tuple[str, StoredPart]]:
+        """One block's stored tensors, one at a time, each with the parameter it fills: the plain ones
+        as they are, then the parts of the family's composite ones (a Mixtral layer's fused experts)."""
         for param, name in self.layer_names(layer_index).items():
-            yield param, self.read([name], dtype)[name]
+            yield param, StoredPart(self.read([name], dtype)[name])
         gguf = self.source.kind is SourceKind.GGUF
         prefix = f"blk.{layer_index}." if gguf else f"{self.family.hf_layer_prefix}{layer_index}."
-        for param, (suffixes, combine) in self.family.composite_tensors(self.config, gguf).items():
-            parts = self.read([prefix + suffix for suffix in suffixes], dtype)
-            yield param, combine([parts.pop(prefix + suffix) for suffix in suffixes])
+        for param, composite in self.family.composite_tensors(self.config, gguf).items():
+            for suffix, index in composite.parts:
+                yield param, StoredPart(self.read([prefix + suffix], dtype)[prefix + suffix], composite, index)
 
     def available(self) -> set[str]:
         if self.source.kind is SourceKind.GGUF:

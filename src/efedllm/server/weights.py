@@ -2,7 +2,7 @@
 
 A server that already hosts blocks can hand them to a joining server, which then needs no copy
 of the weights of its own (only the model's config). When the sender serves compressed blocks
-they travel as their eq. 9 factors U_k, Σ_k, V_kᵀ, so a transfer at ratio C sends about C × the
+they travel as they are stored (eq. 9's factors or the interpolative form's rows and mix), so a transfer at ratio C sends about C × the
 dense bytes; the header says both numbers, and the receiver logs them.
 
 Call order. Sender: ``rpc_span_weights`` (in the servicer) calls :func:`pack_span_weights` and

@@ -74,6 +74,17 @@ def test_dense_output_fit_compresses_a_span_within_budget():
     config, reference_layers, hidden = _tiny()
     reference = _run_all(config, reference_layers, hidden)
     _, layers, _ = _tiny()
-    report = compress_layers(layers, CompressionConfig(ratio=0.6, fit_dense_outputs=True), hidden, decoder_layer_runner(config, layers))
+    report = compress_layers(layers, CompressionConfig(ratio=0.6, allocation="global", fit_dense_outputs=True), hidden, decoder_layer_runner(config, layers))
     assert report.achieved_ratio <= 0.6 + 1e-9
     assert float((_run_all(config, layers, hidden) - reference).norm() / reference.norm()) < 1.0
+
+
+def test_the_loss_pass_is_refused_up_front_when_the_dense_model_does_not_fit():
+    from efedllm.compression.calibration import check_fits_in_memory, dense_block_bytes
+
+    check_fits_in_memory(10 * 2**30, 16 * 2**30)
+    check_fits_in_memory(10 * 2**30, None)  # no /proc/meminfo: nothing to check against
+    with pytest.raises(ValueError, match="--svd-allocation global"):
+        check_fits_in_memory(32 * 2**30, 24 * 2**30)
+    config, _, _ = _tiny()
+    assert dense_block_bytes(config) == 4 * sum(p.numel() for p in LlamaDecoderLayer(config, 0).parameters())

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from efedllm.compression.lowrank import LowRankLinear
+from efedllm.compression.lowrank import InterpolativeLinear, LowRankLinear
 from efedllm.compression.transfer import TransferError, load_packed_layers, pack_layers, transfer_size, unpack_layers
 
 
@@ -75,3 +75,40 @@ def test_payload_for_another_architecture_is_rejected():
     other = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
     with pytest.raises(TransferError, match="architecture"):
         load_packed_layers(other, packed)
+
+
+def _interpolative_span() -> nn.ModuleList:
+    layers = _span(False)
+    for layer, rank in zip(layers, (6, 5)):
+        factors = LowRankLinear.from_linear(layer.up, rank).factors
+        layer.up = InterpolativeLinear.from_factors(factors, None, torch.float32)
+    return layers
+
+
+def test_interpolative_projections_round_trip_bit_identically():
+    sender = _interpolative_span()
+    torch.manual_seed(1)
+    receiver = nn.ModuleList([TinyBlock(), TinyBlock()])
+    load_packed_layers(receiver, unpack_layers(pack_layers(sender, 0)))
+    hidden = torch.randn(2, 3, 16)
+    for send, receive in zip(sender, receiver):
+        assert isinstance(receive.up, InterpolativeLinear)
+        assert torch.equal(send(hidden), receive(hidden))
+
+
+@pytest.mark.parametrize("part, value, message", [
+    ("order", list(range(47)) + [0], "permutation"),
+    ("order", list(range(40)), "shapes"),
+    ("mix", None, "lacks"),
+])
+def test_malformed_interpolative_parts_are_rejected(part, value, message):
+    good = msgpack.unpackb(pack_layers(_interpolative_span(), 0), raw=False)
+    layer = dict(good["layers"][0])
+    if value is None:
+        del layer[f"up.{part}"]
+    else:
+        layer[f"up.{part}"] = {"dtype": "int64", "shape": [len(value)], "data": torch.tensor(value).numpy().tobytes()}
+    payload = msgpack.packb({**good, "layers": [layer, *good["layers"][1:]]}, use_bin_type=True)
+    torch.manual_seed(1)
+    with pytest.raises(TransferError, match=message):
+        load_packed_layers(nn.ModuleList([TinyBlock(), TinyBlock()]), unpack_layers(payload))

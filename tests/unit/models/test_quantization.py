@@ -100,8 +100,9 @@ def test_every_family_loads_int8_with_a_quarter_of_the_bytes_and_close_logits(ch
     assert float(cosine.min()) > 0.99, cosine.min()
 
 
-def test_quantising_after_loading_gives_the_same_weights_as_quantising_on_load(checkpoints):
-    path = str(checkpoints["qwen2"])
+@pytest.mark.parametrize("model_type", ["qwen2", "mixtral"])  # mixtral: experts quantised one stored part at a time
+def test_quantising_after_loading_gives_the_same_weights_as_quantising_on_load(checkpoints, model_type):
+    path = str(checkpoints[model_type])
     on_load, after = load_span(path, 2, 4, quant="int8"), load_span(path, 2, 4)
     for layer in after.layers:
         quantize_module(layer, "int8")
@@ -122,3 +123,16 @@ def test_server_config_announces_int8_and_refuses_it_with_svd():
         ServerConfig(blocks=Span(0, 10), quant="int8", compression=CompressionConfig(ratio=0.8))
     with pytest.raises(ValueError, match="int4"):
         ServerConfig(blocks=Span(0, 10), quant="int4")
+
+
+def test_a_stored_part_that_does_not_fit_its_composite_is_refused(checkpoints):
+    from efedllm.models.family import CompositeTensor
+    from efedllm.models.quantization import fill_composite_part
+    from efedllm.models.weights import StoredPart
+
+    span = load_span(str(checkpoints["mixtral"]), 0, 1, quant="int8")
+    experts = span.layers[0].mlp.experts
+    composite = CompositeTensor(tuple(experts.gate_up_proj_int8.shape), ())
+    wrong = StoredPart(torch.zeros(3, 5), composite, (0, slice(0, 3)))
+    with pytest.raises(ValueError, match="does not fit"):
+        fill_composite_part(span.layers[0], "mlp.experts.gate_up_proj", wrong, torch.float32)
