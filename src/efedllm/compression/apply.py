@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from efedllm.compression.allocation import MatrixSpectrum, allocate_ranks, uniform_ranks
-from efedllm.compression.lowrank import LowRankLinear, linear_nbytes, low_rank_module
+from efedllm.compression.lowrank import linear_nbytes, low_rank_module
 from efedllm.compression.rank import FactorForm, factor_parameter_count, rank_for_energy
-from efedllm.compression.svd import SvdAlgorithm, singular_values
+from efedllm.compression.svd import SvdAlgorithm, singular_values, truncated_svd
 from efedllm.compression.output_fit import InputRecorder, output_fit_svd, paired_grams
 from efedllm.compression.whitening import GramCollector, whitened_singular_values, whitening_factor
 from efedllm.models.family import LLAMA_PROJECTION_STAGES
@@ -257,7 +257,7 @@ def compress_layers(
     sensitivities: list[float] | None = None,
     stages=PROJECTION_STAGES,
 ) -> CompressionReport:
-    """Replace every projection of ``layers`` by a :class:`LowRankLinear` (or keep it dense), in place.
+    """Replace every projection of ``layers`` by a low-rank module in ``config.factor_form`` (or keep it dense), in place.
 
     ``calibration_hidden`` [B, T, H] are the span's input hidden states for calibration and
     ``run_layer(i, hidden)`` runs them through ``layers[i]``; both are needed for whitening only.
@@ -307,7 +307,7 @@ def _compress_plain(layers, config, ranks, spectra, stages) -> list[MatrixReport
             rank, values = ranks[position], spectra[position]
             shape = tuple(module.weight.shape)
             if rank is not None:
-                factors = LowRankLinear.from_linear(module, rank, config.algorithm).factors
+                factors = truncated_svd(module.weight.detach().double(), rank, config.algorithm)
                 module = low_rank_module(factors, module.bias, module.weight.dtype, config.factor_form)
                 _replace(layer, name, module)
             report = _report(index, name, module, rank, shape, config.factor_form)

@@ -178,26 +178,6 @@ def quantize_module(module: nn.Module, quant: str | None) -> nn.Module:
     return module
 
 
-def fill_composite_part(layer: nn.Module, name: str, part, dtype: torch.dtype) -> None:
-    """Copy one stored part (a ``StoredPart`` with its composite and index) into parameter ``name`` of
-    ``layer``: allocated on the first part, quantised on arrival when the owner is an int8 module."""
-    owner_name, _, attribute = name.rpartition(".")
-    owner = layer.get_submodule(owner_name)
-    if isinstance(owner, Int8Experts):
-        owner.load_part(attribute, part.index, part.tensor)
-        return
-    current = getattr(owner, attribute)
-    if tuple(current.shape) != tuple(part.composite.shape):
-        raise ValueError(f"{name}: the layer expects shape {tuple(current.shape)}, the checkpoint builds {part.composite.shape}")
-    if current.is_meta:
-        current = nn.Parameter(torch.empty(part.composite.shape, dtype=dtype), requires_grad=False)
-        setattr(owner, attribute, current)
-    target = current.data[part.index]
-    if tuple(target.shape) != tuple(part.tensor.shape):
-        raise ValueError(f"{name}: a stored part of shape {tuple(part.tensor.shape)} does not fit {tuple(target.shape)}")
-    target.copy_(part.tensor)
-
-
 def unloaded_tensors(module: nn.Module) -> list[str]:
     """Names of parameters and buffers still on the meta device (what a load left out)."""
     tensors = itertools.chain(module.named_parameters(), module.named_buffers())

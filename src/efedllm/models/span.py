@@ -16,7 +16,7 @@ from efedllm.common.dtypes import parse_dtype
 from efedllm.common.spans import Span
 from efedllm.models.family import SLIDING, ModelFamily
 from efedllm.models.progress import loading_progress
-from efedllm.models.quantization import fill_composite_part, parse_quantization, quantized_shell, unloaded_tensors
+from efedllm.models.quantization import Int8Experts, parse_quantization, quantized_shell, unloaded_tensors
 from efedllm.models.sources import resolve_model
 from efedllm.models.weights import load_tokenizer, open_model
 
@@ -114,6 +114,26 @@ def _finish(config, family: ModelFamily, span: Span, layers: nn.ModuleList) -> S
     span_model = SpanModel(config, family, span, layers, family.rotary_class(config=config)).eval()
     span_model.requires_grad_(False)
     return span_model
+
+
+def fill_composite_part(layer: nn.Module, name: str, part, dtype: torch.dtype) -> None:
+    """Copy one stored part (a ``StoredPart`` with its composite and index) into parameter ``name`` of
+    ``layer``: allocated on the first part, quantised on arrival when the owner is an int8 module."""
+    owner_name, _, attribute = name.rpartition(".")
+    owner = layer.get_submodule(owner_name)
+    if isinstance(owner, Int8Experts):
+        owner.load_part(attribute, part.index, part.tensor)
+        return
+    current = getattr(owner, attribute)
+    if tuple(current.shape) != tuple(part.composite.shape):
+        raise ValueError(f"{name}: the layer expects shape {tuple(current.shape)}, the checkpoint builds {part.composite.shape}")
+    if current.is_meta:
+        current = nn.Parameter(torch.empty(part.composite.shape, dtype=dtype), requires_grad=False)
+        setattr(owner, attribute, current)
+    target = current.data[part.index]
+    if tuple(target.shape) != tuple(part.tensor.shape):
+        raise ValueError(f"{name}: a stored part of shape {tuple(part.tensor.shape)} does not fit {tuple(target.shape)}")
+    target.copy_(part.tensor)
 
 
 def load_span(model: str, start: int, end: int, dtype: str | torch.dtype = torch.float32,

@@ -127,7 +127,7 @@ def test_server_config_announces_int8_and_refuses_it_with_svd():
 
 def test_a_stored_part_that_does_not_fit_its_composite_is_refused(checkpoints):
     from efedllm.models.family import CompositeTensor
-    from efedllm.models.quantization import fill_composite_part
+    from efedllm.models.span import fill_composite_part
     from efedllm.models.weights import StoredPart
 
     span = load_span(str(checkpoints["mixtral"]), 0, 1, quant="int8")
