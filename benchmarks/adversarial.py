@@ -256,7 +256,7 @@ def speed(swarm, peers, verifier, windows: int) -> dict:
             session = RemoteInferenceSession(client, ids.shape[1] + config.max_new_tokens)
             started = time.perf_counter()
             client.run(session.open_route(route))
-            new_ids, _, _ = client._decode_loop(session, ids, config, None)
+            new_ids = client._decode_loop(session, ids, config, None)[0].new_ids
             rates[name].append(len(new_ids) / (time.perf_counter() - started))
             audited += session.audit is not None
             client.run(session.finish())

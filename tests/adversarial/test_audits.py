@@ -60,7 +60,7 @@ def _generate_on(client, peers, middle: str, prompt: str = "The capital of Franc
     session = RemoteInferenceSession(client, ids.shape[1] + tokens, audited=True)
     client.run(session.open_route(route))
     try:
-        new_ids, _, _ = client._decode_loop(session, ids, config, None)
+        new_ids = client._decode_loop(session, ids, config, None)[0].new_ids
     finally:
         audits_before = len(client.audits)
         client.run(session.finish())

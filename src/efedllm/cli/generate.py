@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from efedllm.cli import arguments
 from efedllm.cli.parser import fraction, positive_int
@@ -38,7 +39,12 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="generate text, locally (--local) or through a swarm")
-    parser.add_argument("prompt")
+    parser.add_argument("prompt", nargs="?", default=None)
+    parser.add_argument("--prompts-file", type=Path, default=None, metavar="FILE",
+                        help="generate for every prompt of FILE at once (one a line, or JSONL with a \"prompt\" each); "
+                             "prints one JSON line per prompt")
+    parser.add_argument("--stream", action="store_true",
+                        help="with --prompts-file: also print {\"index\", \"delta\"} JSON lines as text arrives")
     arguments.add_model(parser)
     parser.add_argument("--local", action="store_true", help="run every block in this process")
     parser.add_argument("--spans", default=None, help="with --local: consecutive spans, e.g. 0:10,10:20,20:30")
@@ -89,9 +95,58 @@ def _load_model(args: argparse.Namespace):
     return LocalModelForCausalLM.load(args.model, spans, args.dtype, transform=transform, quant=args.quant)
 
 
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of a file: JSONL (``{"prompt": ...}`` or a JSON string per line) when every non-empty line
+    is JSON, else one prompt per non-empty line; ValueError naming the file and line when it holds none or a
+    JSON line has no prompt."""
+    if not path.is_file():
+        raise ValueError(f"--prompts-file {path}: no such file")
+    lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ValueError(f"--prompts-file {path} holds no prompts")
+    if not all(line.lstrip().startswith(("{", '"')) for _, line in lines):
+        return [line for _, line in lines]
+    prompts = []
+    for number, line in lines:
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--prompts-file {path}, line {number}: not JSON ({error})") from None
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"--prompts-file {path}, line {number}: needs a non-empty \"prompt\" string")
+        prompts.append(prompt)
+    return prompts
+
+
+def _check_prompt_arguments(args: argparse.Namespace) -> list[str] | None:
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise ValueError("give a prompt or --prompts-file, not both")
+    if args.stream and args.prompts_file is None:
+        raise ValueError("--stream goes with --prompts-file (a single prompt streams its text anyway)")
+    return read_prompts(args.prompts_file) if args.prompts_file is not None else None
+
+
+def _stream_row(row: int, text: str) -> None:
+    print(json.dumps({"index": row, "delta": text}), flush=True)
+
+
+def run_generate_batch(model, prompts: list[str], config: GenerationConfig, args: argparse.Namespace) -> None:
+    results = model.generate_batch(prompts, config, on_text=_stream_row if args.stream else None, chat=not args.no_chat)
+    for index, (prompt, result) in enumerate(zip(prompts, results)):
+        print(json.dumps({"index": index, "prompt": prompt, **result.to_json()}), flush=True)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     config = generation_config(args)
+    prompts = _check_prompt_arguments(args)
     model = _load_model(args)
+    if prompts is not None:
+        try:
+            run_generate_batch(model, prompts, config, args)
+        finally:
+            getattr(model, "shutdown", lambda: None)()
+        return 0
     try:
         input_ids = model.encode_prompt(args.prompt, chat=not args.no_chat)
         result = model.generate(input_ids, config, on_text=None if args.json else _print_stream)

@@ -12,6 +12,7 @@ from efedllm.cli.parser import ipv4_host, port, positive_float, positive_int, sp
 from efedllm.dht.identity import Identity, start_dht
 from efedllm.models.weights import model_blocks
 from efedllm.protocol.codec import WIRE_FORMATS
+from efedllm.server.batching import BatchLimits
 from efedllm.server.config import ServerConfig
 from efedllm.server.faults import FAULT_HELP
 from efedllm.server.server import Server
@@ -27,11 +28,20 @@ def register(subparsers) -> None:
     arguments.add_initial_peers(serve)
     serve.add_argument("--host", type=ipv4_host, default="127.0.0.1")
     serve.add_argument("--port", type=port, default=0)
+    serve.add_argument("--announce-maddrs", nargs="+", default=[], metavar="MADDR",
+                       help="addresses other peers dial instead of --host/--port (behind NAT, port forwarding or a relay), "
+                            "e.g. /ip4/203.0.113.5/tcp/31337")
     arguments.add_dtype(serve, quant=True)
     serve.add_argument("--max-sessions", type=positive_int, default=16)
     serve.add_argument("--max-sessions-per-peer", type=positive_int, default=None, metavar="N",
                        help="sessions one peer may hold (default: half of --max-sessions)")
     serve.add_argument("--max-batch", type=positive_int, default=16, metavar="ROWS", help="rows per session")
+    serve.add_argument("--batch-max-rows", type=positive_int, default=BatchLimits.max_rows, metavar="ROWS",
+                       help="rows of concurrent sessions' decode steps merged into one pass")
+    serve.add_argument("--batch-max-tokens", type=positive_int, default=BatchLimits.max_tokens, metavar="N",
+                       help="rows x tokens of one pass; longer prefills run in chunks between decode passes")
+    serve.add_argument("--prefill-chunk", type=positive_int, default=BatchLimits.min_chunk, metavar="TOKENS",
+                       help="tokens of a waiting prefill that run in every pass, however full")
     serve.add_argument("--cache-budget-mb", type=positive_float, default=None, metavar="MB",
                        help="KV-cache budget (default: --max-sessions sessions of 2048 tokens at batch 1)")
     serve.add_argument("--wire", nargs="+", default=list(WIRE_FORMATS), choices=list(WIRE_FORMATS),
@@ -71,13 +81,14 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         raise ValueError(f"--ready-file {args.ready_file}: no folder {args.ready_file.parent}")
     return ServerConfig(
         model=args.model, blocks=args.blocks, num_blocks=args.num_blocks, initial_peers=tuple(args.initial_peers),
-        host=args.host, port=args.port, dtype=args.dtype, quant=args.quant, max_sessions=args.max_sessions, wire_formats=tuple(args.wire),
+        host=args.host, port=args.port, announce_maddrs=tuple(args.announce_maddrs), dtype=args.dtype, quant=args.quant, max_sessions=args.max_sessions, wire_formats=tuple(args.wire),
         fault=args.fault, fault_seed=args.fault_seed, rebalance=not args.no_rebalance, announce_interval=args.announce_interval,
         rebalance_interval=args.rebalance_interval, compression=arguments.compression_config_from_args(args),
         weights_from=args.weights_from, torch_threads=args.torch_threads,
         trusted_verifier_keys=tuple(args.trusted_verifiers), verifier_quorum=args.verifier_quorum,
         ready_file=args.ready_file, identity_path=args.identity, cache_budget_mb=args.cache_budget_mb,
         max_batch=args.max_batch, max_sessions_per_peer=args.max_sessions_per_peer,
+        batch_limits=BatchLimits(args.batch_max_rows, args.batch_max_tokens, args.prefill_chunk),
     )
 
 

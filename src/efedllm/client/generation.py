@@ -14,7 +14,9 @@ from typing import Callable, Protocol
 
 import torch
 
-from efedllm.client.sampling import GenerationConfig, choose_next_token, find_stop
+from efedllm.client.batch_generation import BatchSession, generate_rows, prompt_rows
+from efedllm.client.sampling import GenerationConfig, choose_next_token
+from efedllm.client.token_stream import TokenStream
 
 
 class InferenceSession(Protocol):
@@ -34,6 +36,7 @@ class GenerationResult:
     time_to_first_token: float
     prompt_tokens: int
     extra: dict = field(default_factory=dict)
+    token_times: list[float] = field(default_factory=list)  # perf_counter() of each token chosen, EOS included
 
     @property
     def tokens_per_s(self) -> float:
@@ -57,6 +60,10 @@ class CausalLMClient:
     parts = None
 
     def inference_session(self, max_length: int) -> AbstractContextManager[InferenceSession]:
+        raise NotImplementedError
+
+    def batch_session(self, max_lengths: list[int]) -> AbstractContextManager[BatchSession]:
+        """Sessions for rows of these max lengths (:mod:`efedllm.client.batch_generation`)."""
         raise NotImplementedError
 
     def encode_prompt(self, prompt: str, chat: bool = True) -> torch.Tensor:
@@ -89,37 +96,53 @@ class CausalLMClient:
             raise ValueError(f"input_ids must be [1, tokens], got shape {tuple(input_ids.shape)}")
         started = time.perf_counter()
         with self.inference_session(max_length=input_ids.shape[1] + config.max_new_tokens) as session:
-            new_ids, first_token_at, text = self._decode_loop(session, input_ids, config, on_text)
+            stream, first_token_at, text = self._decode_loop(session, input_ids, config, on_text)
         seconds = time.perf_counter() - started
-        return GenerationResult(text, new_ids, len(new_ids), seconds, first_token_at - started, input_ids.shape[1])
+        return GenerationResult(text, stream.new_ids, len(stream.new_ids), seconds, first_token_at - started, input_ids.shape[1],
+                                token_times=stream.times)
+
+    def generate_batch(
+        self,
+        prompts: list[str] | list[torch.Tensor] | torch.Tensor,
+        config: GenerationConfig = GenerationConfig(),
+        attention_mask: torch.Tensor | None = None,
+        on_text: Callable[[int, str], None] | None = None,
+        chat: bool = True,
+    ) -> list[GenerationResult]:
+        """Generate after every prompt at once: texts (encoded as ``generate``'s CLI does, with the chat
+        template when ``chat``), token id rows [1, tokens] of any lengths, or HF-style padded ``input_ids``
+        [batch, tokens] with ``attention_mask``. Each row stops on its own; ``on_text(row, text)`` streams."""
+        rows = self._prompt_rows(prompts, attention_mask, chat)
+        eos = self.eos_token_ids() if config.stop_on_eos else set()
+        with self.batch_session([row.shape[1] + config.max_new_tokens for row in rows]) as session:
+            outcomes = generate_rows(self.parts, session, rows, config, eos, on_text)
+        return [GenerationResult(outcome["text"], outcome["token_ids"], len(outcome["token_ids"]), outcome["seconds"],
+                                 outcome["time_to_first_token"], outcome["prompt_tokens"],
+                                 {"finish_reason": outcome["finish_reason"]}, outcome["token_times"]) for outcome in outcomes]
+
+    def _prompt_rows(self, prompts, attention_mask, chat: bool) -> list[torch.Tensor]:
+        if isinstance(prompts, torch.Tensor):
+            return prompt_rows(prompts, attention_mask)
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with input_ids [batch, tokens], not with a list of prompts")
+        if not prompts:
+            raise ValueError("no prompts to generate for")
+        rows = [self.encode_prompt(prompt, chat) if isinstance(prompt, str) else prompt for prompt in prompts]
+        for index, row in enumerate(rows):
+            if not isinstance(row, torch.Tensor) or row.dim() != 2 or row.shape[0] != 1 or row.shape[1] < 1:
+                raise ValueError(f"prompt {index} must be a string or token ids [1, tokens]")
+        return rows
 
     def _decode_loop(self, session, input_ids, config, on_text):
-        tokenizer, eos = self.parts.tokenizer, self.eos_token_ids() if config.stop_on_eos else set()
+        eos = self.eos_token_ids() if config.stop_on_eos else set()
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-        history, new_ids, streamed, first_token_at = input_ids[0], [], "", 0.0
-        step_ids = input_ids
+        stream, step_ids, first_token_at = TokenStream(self.parts.tokenizer, input_ids[0], config, eos, on_text), input_ids, 0.0
         for _ in range(config.max_new_tokens):
             hidden = session.step(self.parts.embed(step_ids))  # [1, tokens, hidden]
             logits = self.parts.logits(hidden[:, -1:])[0, -1]  # [vocab]
-            token = choose_next_token(logits, history, config, generator)
+            token = choose_next_token(logits, stream.history, config, generator)
             first_token_at = first_token_at or time.perf_counter()
-            if token in eos:
+            if stream.add(token):
                 break
-            new_ids.append(token)
-            history = torch.cat([history, torch.tensor([token])])
             step_ids = torch.tensor([[token]])
-            if on_text is None and not config.stop_strings:
-                continue
-            text = tokenizer.decode(new_ids, skip_special_tokens=True)
-            stop_at = find_stop(text, config.stop_strings)
-            if stop_at is not None:
-                text = text[:stop_at]
-            if on_text is not None and len(text) > len(streamed) and not text.endswith("\ufffd"):
-                on_text(text[len(streamed):])
-                streamed = text
-            if stop_at is not None:
-                return new_ids, first_token_at, text
-        text = tokenizer.decode(new_ids, skip_special_tokens=True)
-        if on_text is not None and len(text) > len(streamed):
-            on_text(text[len(streamed):])
-        return new_ids, first_token_at, text
+        return stream, first_token_at, stream.finish()

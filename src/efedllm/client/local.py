@@ -26,6 +26,32 @@ class LocalInferenceSession:
         return hidden_states
 
 
+class LocalBatchSession:
+    """Rows of a batch, each its own session on every in-process span; a step of several rows is one
+    merged pass per span (:meth:`~efedllm.models.sessions.SpanSessions.step_many`)."""
+
+    def __init__(self, span_sessions: list[SpanSessions], session_ids: list[str]) -> None:
+        self.span_sessions, self.session_ids = span_sessions, session_ids
+        self.positions = [0] * len(session_ids)
+
+    def step_rows(self, rows: list[int], hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
+        for sessions in self.span_sessions:
+            results = sessions.step_many([(self.session_ids[row], hidden, self.positions[row])
+                                          for row, hidden in zip(rows, hidden_states)])
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            hidden_states = results
+        for row, hidden in zip(rows, hidden_states):
+            self.positions[row] += hidden.shape[1]
+        return hidden_states
+
+    def close_row(self, row: int) -> None:
+        for sessions in self.span_sessions:
+            if self.session_ids[row] in sessions:
+                sessions.close(self.session_ids[row])
+
+
 def check_covering(spans: list[Span], blocks: int) -> None:
     """ValueError unless ``spans`` are consecutive and cover blocks ``0..blocks-1`` (pure)."""
     starts, ends = [span.start for span in spans], [span.end for span in spans]
@@ -65,3 +91,15 @@ class LocalModelForCausalLM(CausalLMClient):
         finally:
             for sessions in self.span_sessions:
                 sessions.close(session_id)
+
+    @contextmanager
+    def batch_session(self, max_lengths: list[int]):
+        session = LocalBatchSession(self.span_sessions, [uuid.uuid4().hex for _ in max_lengths])
+        try:
+            for sessions in self.span_sessions:
+                for session_id, max_length in zip(session.session_ids, max_lengths):
+                    sessions.open(session_id, max_length)
+            yield session
+        finally:
+            for row in range(len(max_lengths)):
+                session.close_row(row)

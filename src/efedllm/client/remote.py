@@ -23,6 +23,7 @@ from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 
 from efedllm.client.audit import AuditRecord, SessionAudit
+from efedllm.client.batch_session import RemoteBatchSession
 from efedllm.client.config import RemoteClientConfig
 from efedllm.client.generation import CausalLMClient
 from efedllm.client.routing import RouteHop
@@ -189,6 +190,15 @@ class DistributedModelForCausalLM(CausalLMClient):
             yield session
         finally:
             self.run(session.finish())
+
+    @contextmanager
+    def batch_session(self, max_lengths: list[int]):
+        session = RemoteBatchSession(self, max_lengths)
+        try:
+            session.open(self.config.server_view_max_age)
+            yield session
+        finally:
+            session.finish()
 
 
 async def _wait_for(futures: list, timeout: float) -> None:

@@ -12,7 +12,7 @@ that may step it (:mod:`efedllm.server.admission`).
 
 The session uses only the public parts of its :class:`SessionHost` (the distributed model):
 ``config``, ``view``, ``stub(peer)``, ``delivery``, ``peer_id``, ``wire_format``, ``dtype``,
-``encode(hidden, wire_format)``, ``run(coroutine)`` and ``spot_checker``.
+``encode(hidden, wire_format)``, ``run(coroutine)``, ``loop`` and ``spot_checker``.
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ class SessionHost(Protocol):
     def encode(self, hidden_states: torch.Tensor, wire_format: str) -> list: ...
 
     def run(self, coroutine): ...
+
+    @property
+    def loop(self): ...  # the BackgroundLoop that ``run`` uses (``loop.submit`` starts a coroutine without waiting)
 
     def draw_audit(self) -> bool: ...
 
@@ -127,6 +130,10 @@ class RemoteInferenceSession:
         """Runs ``hidden_states`` [1, tokens, hidden] through the chain; ``relay`` sends this step hop by hop
         from the client (as ``RemoteClientConfig.relay`` does for every step)."""
         return self.host.run(self._step_with_failover(hidden_states, relay))
+
+    async def step_async(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``step`` on the client's loop (what a batch of sessions awaits together)."""
+        return await self._step_with_failover(hidden_states)
 
     async def _step_with_failover(self, hidden_states: torch.Tensor, relay: bool = False) -> torch.Tensor:
         config = self.host.config

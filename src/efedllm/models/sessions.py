@@ -15,6 +15,7 @@ import torch
 from efedllm.common.dtypes import dtype_name
 from efedllm.common.errors import EfedllmError
 from efedllm.common.spans import Span
+from efedllm.models.batching import RaggedPart
 from efedllm.models.span import SpanModel
 
 
@@ -91,6 +92,49 @@ class SpanSessions:
 
     def step(self, session_id: str, hidden_states: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Run one step of a session; returns hidden states of the same shape."""
+        session, position = self._prepared(session_id, hidden_states, position)
+        with torch.inference_mode():
+            outputs = self.model(hidden_states, position=position, cache=session.cache, blocks=session.blocks)
+        session.length = position + hidden_states.shape[1]
+        return outputs
+
+    def step_many(self, steps: list[tuple[str, torch.Tensor, int | None]]) -> list[torch.Tensor | SpanInputError]:
+        """Steps (session id, hidden states, position) of distinct sessions, run as one forward pass where they
+        fit together (:mod:`efedllm.models.batching`): the same blocks and the same number of tokens. Returns,
+        per step in order, its outputs or the SpanInputError that refused it (the others still run)."""
+        results: list = [None] * len(steps)
+        groups: dict[tuple, list] = {}
+        for index, (session_id, hidden_states, position) in enumerate(steps):
+            try:
+                if any(other == session_id for other, _, _ in steps[:index]):
+                    raise SpanInputError(f"two steps of session {session_id!r} in one batch")
+                session, position = self._prepared(session_id, hidden_states, position)
+            except SpanInputError as error:
+                results[index] = error
+                continue
+            groups.setdefault((session.blocks, hidden_states.shape[1]), []).append((index, session, hidden_states, position))
+        for (blocks, tokens), members in groups.items():
+            for (index, _, _, _), outputs in zip(members, self._run_group(blocks, tokens, members)):
+                results[index] = outputs
+        return results
+
+    def _run_group(self, blocks: Span, tokens: int, members: list) -> list[torch.Tensor]:
+        """One forward over sessions of the same blocks and step length; (index, session, hidden, position) each."""
+        if len(members) == 1:
+            _, session, hidden_states, position = members[0]
+            with torch.inference_mode():
+                outputs = self.model(hidden_states, position=position, cache=session.cache, blocks=blocks)
+            session.length = position + tokens
+            return [outputs]
+        parts = [RaggedPart(session.cache, hidden_states.shape[0], position) for _, session, hidden_states, position in members]
+        with torch.inference_mode():
+            outputs = self.model.forward_ragged(torch.cat([member[2] for member in members]), parts, blocks)
+        for _, session, _, position in members:
+            session.length = position + tokens
+        return list(outputs.split([part.rows for part in parts]))
+
+    def _prepared(self, session_id: str, hidden_states: torch.Tensor, position: int | None) -> tuple[Session, int]:
+        """(the session, the step's position) once the step is checked, its cache cropped back to ``position``."""
         session = self.get(session_id)
         self.validate_hidden(hidden_states)
         position = session.length if position is None else position
@@ -108,10 +152,7 @@ class SpanSessions:
             )
         if position < session.length:
             session.cache = self._cropped(session, position)
-        with torch.inference_mode():
-            outputs = self.model(hidden_states, position=position, cache=session.cache, blocks=session.blocks)
-        session.length = position + tokens
-        return outputs
+        return session, position
 
     def _cropped(self, session: Session, position: int):
         if position == 0:

@@ -14,6 +14,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from efedllm.common.dtypes import parse_dtype
 from efedllm.common.spans import Span
+from efedllm.models.batching import RaggedCache, RaggedPart, part_lengths, ragged_mask, ragged_positions
 from efedllm.models.family import SLIDING, ModelFamily
 from efedllm.models.progress import loading_progress
 from efedllm.models.quantization import Int8Experts, parse_quantization, quantized_shell, unloaded_tensors
@@ -68,11 +69,30 @@ class SpanModel(nn.Module):
         first, last = blocks.start - self.span.start, blocks.end - self.span.start
         tokens = hidden_states.shape[1]
         position_ids = torch.arange(position, position + tokens, device=hidden_states.device).unsqueeze(0)
-        kinds = {kind: self.layer_types.index(kind, first, last) for kind in dict.fromkeys(self.layer_types[first:last])}
+        kinds = self._kinds(first, last)
         masks = {kind: self._mask(kind, hidden_states, cache, position_ids, index) for kind, index in kinds.items()}
-        # (cos, sin) [1, tokens, head_dim] per attention kind (Gemma 3's two rotary bases)
+        return self._run_layers(hidden_states, position_ids, masks, cache, first, last)
+
+    def forward_ragged(self, hidden_states: torch.Tensor, parts: list[RaggedPart], blocks: Span | None = None) -> torch.Tensor:
+        """Several sessions' steps at once (:mod:`efedllm.models.batching`): ``hidden_states`` [rows, tokens,
+        hidden] stacks the ``parts``' rows in order, each part at its own cached length; every part's cache
+        gains the step's keys and values, as ``forward`` with that part's cache alone would."""
+        blocks = blocks or self.span
+        first, last = blocks.start - self.span.start, blocks.end - self.span.start
+        tokens = hidden_states.shape[1]
+        lengths = part_lengths(parts)  # [rows]
+        window = getattr(self.span_config, "sliding_window", None)
+        masks = {kind: ragged_mask(lengths, tokens, kind, window) for kind in self._kinds(first, last)}
+        return self._run_layers(hidden_states, ragged_positions(lengths, tokens), masks, RaggedCache(parts, tokens), first, last)
+
+    def _kinds(self, first: int, last: int) -> dict[str, int]:
+        """Attention kind -> the first local layer of that kind among layers ``first..last-1``."""
+        return {kind: self.layer_types.index(kind, first, last) for kind in dict.fromkeys(self.layer_types[first:last])}
+
+    def _run_layers(self, hidden_states, position_ids, masks: dict, cache, first: int, last: int) -> torch.Tensor:
+        # (cos, sin) [1 or rows, tokens, head_dim] per attention kind (Gemma 3's two rotary bases)
         embeddings = {kind: self.family.position_embeddings(self.rotary_emb, hidden_states, position_ids, kind)
-                      for kind in kinds}
+                      for kind in masks}
         for index in range(first, last):
             kind = self.layer_types[index]
             hidden_states = self.layers[index](

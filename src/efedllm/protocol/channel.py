@@ -8,7 +8,10 @@ sends each step's request on it.
 
 Both ends speak hivemind's stream framing (a marker byte, an 8-byte length, a protobuf):
 ``ExpertRequest`` frames one way and exactly one ``ExpertResponse`` per request back, in request
-order. A stream's requests are handled one at a time, in order.
+order. A stream's requests are handled concurrently, up to ``MAX_IN_FLIGHT`` at once, and answered in
+request order: one client's sessions share a stream to each server, and their steps must reach the
+server's batcher together to be merged into one pass (:mod:`efedllm.server.batching`); handled one at a
+time, 32 sessions ran one row per pass.
 
 Server side: ``serve_requests(p2p, name, handler)`` registers a hivemind binary stream handler that
 calls ``handler(request, context)`` (the same signature as a unary ``rpc_*`` handler) for each request;
@@ -21,11 +24,16 @@ first use and returns the response; ``close_idle(max_idle)`` and ``close_all()``
 breaks or times out fails every request waiting on it with ``ChannelError`` and is replaced on next use.
 
 One-way streams (``serve_requests(..., one_way=True)`` and ``pool.send``) carry messages that get no
-answer: a chained step needs none, since its outcome reaches the requester by delivery, and each
-acknowledgement cost every hop a wake-up. ``send(peer_id, request, on_broken, key)`` arms
+answer, and the messages sent to one peer in one event-loop turn travel as one bundle frame (the steps
+of a merged pass, all for the next hop, or a batch's rows from a client): on 127.0.0.1 every frame
+costs both ends and both p2p daemons a wake-up, and 32 rows sent apart reached the first server spread
+over several passes. A chained step needs no answer, since its outcome reaches the requester by
+delivery, and each acknowledgement cost every hop a wake-up. ``send(peer_id, request, on_broken, key)`` arms
 ``on_broken(reason)`` until the next message with the same ``key`` (a session: its steps go one at
 a time) or ``unanswered_window`` s; if the stream breaks meanwhile (the peer went away), it is
-called, so the sender can report the message as lost. A server answers a one-way stream only with
+called, so the sender can report the message as lost. ``send`` raises ``ChannelError`` only when the
+stream is already closed; a write that fails at the end of the turn closes it and calls the armed
+``on_broken``s. A server answers a one-way stream only with
 an error frame, just before it closes it.
 """
 
@@ -46,6 +54,11 @@ from efedllm.protocol import codec
 
 logger = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024**2  # a float32 prefill of 8192 tokens at hidden size 2048; unary calls stop at 4 MiB
+BUNDLE_UID = "efedllm.bundle.v1"  # an ExpertRequest with this uid carries several one-way messages
+MAX_BUNDLE_BYTES = 8 * 2**20  # a bundle goes out once its messages reach this size
+MAX_BUNDLE_MESSAGES = 1024
+MAX_BUNDLE_INDEX_BYTES = 1024**2  # its index (each message's uid and metadata); a bundle goes out before it grows past
+MAX_IN_FLIGHT = 256  # requests of one stream being handled at once; the reader waits beyond it (backpressure)
 Handler = Callable[[runtime_pb2.ExpertRequest, P2PContext], Awaitable[runtime_pb2.ExpertResponse]]
 
 
@@ -98,32 +111,108 @@ async def stop_serving(p2p: P2P, name: str) -> None:
 
 
 async def _answer_requests(context: P2PContext, reader, writer, handler: Handler, max_bytes: int, one_way: bool) -> None:
-    while True:
-        try:
-            request = await read_frame(reader, runtime_pb2.ExpertRequest, max_bytes)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return  # its peer went away
-        except FrameError as error:
-            if one_way and not error.fatal:
-                logger.info("%s: dropped a message from %s: %s", context.handle_name, context.remote_id, error)
-                continue
-            await P2P.send_protobuf(codec.error_reply(str(error)), writer)
-            if error.fatal:
-                return
-            continue
-        if request is None:
-            return  # the caller closed the stream
-        try:
-            response = await handler(request, context)
-        except Exception as error:  # a bug must answer this request only, not end the other sessions' stream
-            logger.exception("%s failed on a request from %s", context.handle_name, context.remote_id)
-            response = codec.error_reply(f"internal error: {type(error).__name__}: {error}")
-        if one_way:
+    """Reads requests and handles them concurrently (up to ``MAX_IN_FLIGHT`` of a stream at once, so that steps
+    of different sessions reach the span's batcher together); answers go out in request order."""
+    answers: asyncio.Queue = asyncio.Queue(maxsize=MAX_IN_FLIGHT)  # each request's answer (a task or a future), in order
+    sending = asyncio.create_task(_send_answers(answers, writer, one_way))
+    try:
+        while await _read_one(context, reader, writer, handler, max_bytes, one_way, answers):
+            pass
+        await answers.put(None)
+        await sending  # the requests read so far are handled to the end, also when the reader went away
+    finally:
+        if not sending.done():  # cancelled (shutdown): so are the requests in flight
+            sending.cancel()
+            while not answers.empty():
+                pending = answers.get_nowait()
+                if pending is not None:
+                    pending.cancel()
+
+
+async def _read_one(context: P2PContext, reader, writer, handler: Handler, max_bytes: int, one_way: bool,
+                    answers: asyncio.Queue) -> bool:
+    """Reads the next request and queues its handling; False when the stream is over."""
+    try:
+        request = await read_frame(reader, runtime_pb2.ExpertRequest, max_bytes)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return False  # its peer went away
+    except FrameError as error:
+        if one_way and not error.fatal:
+            logger.info("%s: dropped a message from %s: %s", context.handle_name, context.remote_id, error)
+            return True
+        answer = asyncio.get_running_loop().create_future()
+        answer.set_result(codec.error_reply(str(error)))
+        await answers.put(answer)
+        return not error.fatal
+    if request is None:
+        return False  # the caller closed the stream
+    if request.uid != BUNDLE_UID:
+        await answers.put(asyncio.create_task(_handle(handler, request, context)))
+        return True
+    try:
+        if not one_way:
+            raise FrameError("a bundle of messages may only come on a one-way stream", fatal=False)
+        parts = unbundle(request)
+    except FrameError as error:
+        logger.info("%s: dropped a bundle from %s: %s", context.handle_name, context.remote_id, error)
+        return True
+    for part in parts:
+        await answers.put(asyncio.create_task(_handle(handler, part, context)))
+    return True
+
+
+def bundle(requests: list[runtime_pb2.ExpertRequest]) -> runtime_pb2.ExpertRequest:
+    """Several one-way messages in one frame: their tensors in order, and per message (uid, metadata, tensors)."""
+    packed = runtime_pb2.ExpertRequest(uid=BUNDLE_UID, metadata=codec.pack_metadata(
+        {"v": 1, "parts": [[request.uid, request.metadata, len(request.tensors)] for request in requests]}))
+    for request in requests:
+        packed.tensors.extend(request.tensors)
+    return packed
+
+
+def unbundle(packed: runtime_pb2.ExpertRequest) -> list[runtime_pb2.ExpertRequest]:
+    """The messages of a bundle; FrameError (not fatal: the framing holds) when it is malformed."""
+    try:
+        index = codec.unpack_metadata(packed.metadata, MAX_BUNDLE_INDEX_BYTES + 4096)
+    except EfedllmError as error:
+        raise FrameError(f"bundle: {error}", fatal=False) from None
+    if index.get("v") != 1:
+        raise FrameError(f"bundle: version {index.get('v')!r} is not 1", fatal=False)
+    parts = index.get("parts")
+    if not isinstance(parts, list) or not 1 <= len(parts) <= MAX_BUNDLE_MESSAGES or not all(
+            isinstance(part, list) and len(part) == 3 and isinstance(part[0], str) and part[0] != BUNDLE_UID
+            and isinstance(part[1], bytes) and isinstance(part[2], int) and part[2] >= 0 for part in parts):
+        raise FrameError(f"bundle: its index must be 1..{MAX_BUNDLE_MESSAGES} [uid, metadata, tensor count] entries",
+                         fatal=False)
+    if sum(part[2] for part in parts) != len(packed.tensors):
+        raise FrameError(f"bundle: its index counts {sum(part[2] for part in parts)} tensors, it holds {len(packed.tensors)}",
+                         fatal=False)
+    requests, start = [], 0
+    for uid, metadata, count in parts:
+        requests.append(runtime_pb2.ExpertRequest(uid=uid, metadata=metadata, tensors=packed.tensors[start:start + count]))
+        start += count
+    return requests
+
+
+async def _handle(handler: Handler, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+    try:
+        return await handler(request, context)
+    except Exception as error:  # a bug must answer this request only, not end the other sessions' stream
+        logger.exception("%s failed on a request from %s", context.handle_name, context.remote_id)
+        return codec.error_reply(f"internal error: {type(error).__name__}: {error}")
+
+
+async def _send_answers(answers: asyncio.Queue, writer, one_way: bool) -> None:
+    """Writes each answer when it is ready, in request order; after the stream breaks, lets the rest finish."""
+    broken = False
+    while (answer := await answers.get()) is not None:
+        response = await answer
+        if one_way or broken:
             continue
         try:
             await P2P.send_protobuf(response, writer)
         except ConnectionError:
-            return
+            broken = True
 
 
 # client side ---------------------------------------------------------------------------------
@@ -140,6 +229,8 @@ class RequestChannel:
         self.closed_because: str | None = None
         self.last_used = time.monotonic()
         self._reading: asyncio.Task | None = None
+        self._outbox: list[runtime_pb2.ExpertRequest] = []  # one-way messages of this event-loop turn
+        self._outbox_bytes = self._outbox_index_bytes = 0
 
     def start(self) -> "RequestChannel":
         """Starts reading responses (on the running event loop); the constructor does nothing of the kind."""
@@ -165,8 +256,9 @@ class RequestChannel:
 
     async def send(self, request: runtime_pb2.ExpertRequest, on_broken: Callable[[str], None] | None = None,
                    key: str = "") -> None:
-        """Writes a one-way message; ``on_broken(reason)`` is called if the stream breaks before the
-        next message with the same ``key``, or ``unanswered_window`` s, whichever comes first."""
+        """Queues a one-way message; ``on_broken(reason)`` is called if the stream breaks before the
+        next message with the same ``key``, or ``unanswered_window`` s, whichever comes first. Messages
+        queued in one event-loop turn go out as one bundle frame (:func:`bundle`)."""
         if self.closed_because is not None:
             raise ChannelError(self.closed_because)
         self.last_used = now = time.monotonic()
@@ -174,12 +266,32 @@ class RequestChannel:
             del self._unanswered[stale]
         if on_broken is not None:
             self._unanswered[key] = (now, on_broken)
+        index_bytes = len(request.uid) + len(request.metadata) + 16
+        if self._outbox and (self._outbox_index_bytes + index_bytes > MAX_BUNDLE_INDEX_BYTES
+                             or len(self._outbox) == MAX_BUNDLE_MESSAGES):
+            self._flush()
+        self._outbox.append(request)
+        self._outbox_bytes += request.ByteSize()
+        self._outbox_index_bytes += index_bytes
+        if len(self._outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)  # after the other senders of this turn
+        if self._outbox_bytes >= MAX_BUNDLE_BYTES:
+            self._flush()
+        if self._writer.transport.get_write_buffer_size() > MAX_BUNDLE_BYTES:
+            await self._writer.drain()  # the peer reads slower than this peer sends: wait, do not buffer without end
+
+    def _flush(self) -> None:
+        """Writes the queued one-way messages as one frame (a bundle when there are several)."""
+        if not self._outbox or self.closed_because is not None:
+            self._outbox.clear()
+            return
+        frame = self._outbox[0] if len(self._outbox) == 1 else bundle(self._outbox)
+        self._outbox, self._outbox_bytes, self._outbox_index_bytes = [], 0, 0
         try:
-            await P2P.send_protobuf(request, self._writer)
+            data = frame.SerializeToString()
+            self._writer.write(P2P.MESSAGE_MARKER + len(data).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + data)
         except Exception as error:
-            self._unanswered.pop(key, None)  # the caller hears of this message from the exception, not twice
             self.close(f"stream to {self.peer_id} broke while sending: {error!r}")
-            raise ChannelError(self.closed_because) from None
 
     async def _read_responses(self) -> None:
         reason = f"stream to {self.peer_id} was closed by the peer"
@@ -206,6 +318,8 @@ class RequestChannel:
         """Ends the stream; ``broken`` (not an idle or final close) also calls the armed ``on_broken``s."""
         if self.closed_because is not None:
             return
+        if not broken:
+            self._flush()  # what was queued this turn still goes out
         self.closed_because = reason
         while self._waiting:
             answer = self._waiting.popleft()

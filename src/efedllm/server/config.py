@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from hivemind.utils.multiaddr import Multiaddr
+
 from efedllm.common.dtypes import parse_dtype
 from efedllm.common.peers import parse_peer_id
 from efedllm.common.spans import Span
@@ -13,6 +15,7 @@ from efedllm.models.quantization import parse_quantization, weight_format
 from efedllm.dht.quorum import check_trusted_verifiers
 from efedllm.protocol.codec import WIRE_FORMATS
 from efedllm.server.admission import AdmissionPolicy
+from efedllm.server.batching import BatchLimits
 from efedllm.server.faults import parse_fault
 
 
@@ -31,8 +34,10 @@ class ServerConfig:
     choosing blocks (no keys: none are). ``torch_threads`` is the compute threads (None: torch's
     default, every core). ``ready_file``: once the server is online, it writes there a JSON object
     with its peer id, span and addresses (and rewrites it when it moves), so a launcher waits on
-    that file instead of reading its log. ``cache_budget_mb``, ``max_batch`` and
-    ``max_sessions_per_peer`` bound what sessions may hold (:meth:`admission_policy`). ``identity_path``: the server's key file (its peer id
+    that file instead of reading its log. ``announce_maddrs``: the addresses other peers dial instead of the
+    listening ones (a server behind NAT, port forwarding or a relay; each with an explicit port). ``cache_budget_mb``, ``max_batch`` and
+    ``max_sessions_per_peer`` bound what sessions may hold (:meth:`admission_policy`); ``batch_limits`` how
+    the steps of concurrent sessions merge into passes (:mod:`efedllm.server.batching`). ``identity_path``: the server's key file (its peer id
     and signing key, created on first start); None: a fresh identity each start.
     """
 
@@ -42,6 +47,7 @@ class ServerConfig:
     initial_peers: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 0
+    announce_maddrs: tuple[str, ...] = ()
     dtype: str = "float32"
     quant: str | None = None
     max_sessions: int = 16
@@ -63,6 +69,7 @@ class ServerConfig:
     cache_budget_mb: float | None = None
     max_batch: int = 16
     max_sessions_per_peer: int | None = None
+    batch_limits: BatchLimits = BatchLimits()
 
     def admission_policy(self, kv_bytes_per_token: int) -> AdmissionPolicy:
         """The limits on sessions for a span whose cache takes ``kv_bytes_per_token`` bytes per token.
@@ -78,6 +85,7 @@ class ServerConfig:
         object.__setattr__(self, "trusted_verifier_keys", check_trusted_verifiers(self.trusted_verifier_keys,
                                                                                   self.verifier_quorum))
         object.__setattr__(self, "initial_peers", tuple(self.initial_peers))
+        object.__setattr__(self, "announce_maddrs", tuple(check_announce_maddr(maddr) for maddr in self.announce_maddrs))
         if (self.blocks is None) == (self.num_blocks is None):
             raise ValueError("give exactly one of blocks (e.g. 0:10) or num_blocks")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -110,3 +118,17 @@ class ServerConfig:
     @property
     def host_maddrs(self) -> list[str]:
         return [f"/ip4/{self.host}/tcp/{self.port}"]
+
+
+def check_announce_maddr(text: str) -> str:
+    """A multiaddr a server may announce: an IP or DNS name, then TCP with an explicit port (what p2pd dials)."""
+    try:
+        maddr = Multiaddr(text)
+    except Exception as error:
+        raise ValueError(f"announce address {text!r} is not a multiaddr: {error}") from None
+    protocols = [protocol.name for protocol in maddr.protocols()]
+    if len(protocols) != 2 or protocols[0] not in ("ip4", "ip6", "dns", "dns4", "dns6") or protocols[1] != "tcp":
+        raise ValueError(f"announce address {text!r} must be /ip4|ip6|dns/HOST/tcp/PORT, e.g. /ip4/203.0.113.5/tcp/31337")
+    if not 1 <= int(maddr.value_for_protocol("tcp")) <= 65535:
+        raise ValueError(f"announce address {text!r} needs an explicit port in 1..65535")
+    return str(maddr)

@@ -14,8 +14,10 @@ against the server's KV-cache budget and per-peer limits, evicting idle sessions
 holder when full. A step whose chain comes back to this server is refused.
 
 Chained steps with ``deliver_to`` (what clients send) come on the one-way ``STEP_PUSH`` stream
-(:mod:`efedllm.protocol.channel`) and get no acknowledgement at all: each is computed at once and
-pushed on to the next hop, and the last hop pushes the output to the requester's ``DELIVERY_PUSH``
+(:mod:`efedllm.protocol.channel`) and get no acknowledgement at all: each is computed as soon as the
+span's :class:`~efedllm.server.batching.StepBatcher` runs it (the steps of concurrent sessions merge
+into one forward pass over ragged KV caches; long prefills run in chunks between decode passes; peers
+take turns) and pushed on to the next hop, and the last hop pushes the output to the requester's ``DELIVERY_PUSH``
 (:mod:`efedllm.protocol.delivery`), so the answer does not travel back along the chain. A chained step is
 four messages for three servers: client, hop, hop, hop, client. A step that cannot be served, and
 one lost because the stream to the next hop broke, is reported to the requester by delivery,
@@ -64,16 +66,12 @@ from efedllm.protocol.messages import (
 )
 from efedllm.protocol.service import STEP_PUSH, STEP_STREAM, serve_span_service, stop_span_service
 from efedllm.server.admission import AccessError, AdmissionError, AdmissionPolicy, SessionLease, admit, check_access, free_tokens
+from efedllm.server.batching import BatchLimits, StepBatcher
 from efedllm.server.faults import FaultMode, StepContext
 from efedllm.server.memory import release_freed_memory
 from efedllm.server.weights import pack_span_weights, weights_messages
 
 logger = logging.getLogger(__name__)
-# Steps of at most this many rows × tokens run on the event loop: for a decode step the hand-off to
-# the compute thread and back measured ~1.8 ms per hop, and the 3-server swarm went from 0.69 to 0.82
-# of local tokens/s (benchmarks/swarm_vs_local.py). Longer steps (prefills, probes, batches) keep the
-# loop free: a "decode" step of 4096 rows run inline stalled every other session for 5.5 s.
-INLINE_STEP_TOKENS = 1
 LARGE_CACHE_BYTES = 2**20  # closing a session that reserved this much also trims the C heap (server.memory)
 FORWARD_TIMEOUT = 20.0  # below the client's default request timeout, so a stalled hop is reported first
 
@@ -107,8 +105,9 @@ class SpanServicer:
 
     def __init__(self, sessions: SpanSessions, p2p: P2P, compute, policy: AdmissionPolicy, fault: FaultMode | None = None,
                  wire_formats=codec.WIRE_FORMATS, compression: dict | None = None, signer: ReceiptSigner | None = None,
-                 certificate: ReceiptCertificate | None = None) -> None:
+                 certificate: ReceiptCertificate | None = None, batch_limits: BatchLimits = BatchLimits()) -> None:
         self.sessions, self.p2p, self.compute, self.policy, self.fault = sessions, p2p, compute, policy, fault
+        self.batcher = StepBatcher(sessions, compute, batch_limits)  # steps of all sessions, merged into passes
         self.signer, self.certificate = signer, certificate
         self.peer_id = p2p.peer_id.to_base58()
         self.leases: dict[str, SessionLease] = {}  # session id -> its owner, upstream and reserved bytes
@@ -133,6 +132,7 @@ class SpanServicer:
         """Unregisters the span service, stops the steps in flight and closes the open streams to other peers."""
         await stop_span_service(self.p2p)
         await self.cancel_hand_ons()
+        await self.batcher.shutdown()
 
     async def rpc_open_session(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
@@ -294,10 +294,9 @@ class SpanServicer:
         if delay > 0:
             await asyncio.sleep(delay)
         hidden, context = inputs.hidden, self._fault_context(step, inputs.hidden, path)
-        if hidden.shape[0] * hidden.shape[1] <= INLINE_STEP_TOKENS:
-            outputs = self._run_step(step, hidden, context)  # a decode step: the thread hand-off costs more than it runs
-        else:
-            outputs = await self.compute(self._run_step, step, hidden, context)
+        outputs = await self.batcher.run(step.session_id, self._lease(step.session_id).owner, step.span, hidden, step.position)
+        if self.fault is not None:
+            outputs = self.fault.corrupt(hidden, outputs, context)
         self.last_used[step.session_id] = time.monotonic()
         self.steps_served += 1
         self.step_counts[step.session_id] = self.step_counts.get(step.session_id, 0) + 1
@@ -317,12 +316,6 @@ class SpanServicer:
             return None
         return StepContext(self.step_counts.get(step.session_id, 0), step.position, hidden.shape[1], hidden.shape[0],
                            self.sessions.get(step.session_id).max_length, path, self.verdicts_seen)
-
-    def _run_step(self, step: StepRequest, hidden, context: StepContext | None = None):
-        outputs = self.sessions.step(step.session_id, hidden, step.position)
-        if self.fault is not None:
-            outputs = self.fault.corrupt(hidden, outputs, context)
-        return outputs
 
     async def _forward(self, step: StepRequest, outcome: StepOutcome) -> runtime_pb2.ExpertResponse:
         """Sends the step on; the answer, or an error response naming the hop that failed."""

@@ -93,7 +93,7 @@ class Server:
         self.signer = ReceiptSigner()  # a new receipt key each start, vouched for by the identity key
         self.certificate = certify_receipt_key(identity, self.signer.public_bytes, self.config.weight_format, time.time())
         self.dht = start_dht(identity, path, initial_peers=list(self.config.initial_peers) or None,
-                             host_maddrs=self.config.host_maddrs)
+                             host_maddrs=self.config.host_maddrs, announce_maddrs=list(self.config.announce_maddrs) or None)
         self.p2p = await self.dht.replicate_p2p()
         self.peer_id = self.p2p.peer_id.to_base58()
         self.maddrs = [str(maddr) for maddr in self.dht.get_visible_maddrs()]
@@ -126,7 +126,7 @@ class Server:
         compression = self.config.compression.signature() if self.config.compression else None
         policy = self.config.admission_policy(model.kv_bytes_per_token())
         self.servicer = SpanServicer(self.sessions, self.p2p, self._compute, policy, fault, self.config.wire_formats,
-                                     compression, self.signer, self.certificate)
+                                     compression, self.signer, self.certificate, self.config.batch_limits)
         await self.servicer.start()
         self._announce(ServerState.ONLINE)
         self._write_ready_file()

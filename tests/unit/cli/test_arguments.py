@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from efedllm.cli import build_parser, main
+from efedllm.cli.generate import read_prompts
 
 PEER = "QmXfptdHU6hqG95JswxYVUH4bphcK8y18mhFcgUQFe6fCN"
 ADDR = f"/ip4/127.0.0.1/tcp/4000/p2p/{PEER}"
@@ -49,6 +52,9 @@ def test_a_malformed_multiaddr_is_named_before_anything_starts(command, address,
     (["serve", "--num-blocks", "0"], "positive integer"),
     (["serve", "--blocks", "0:10", "--host", "localhost"], "IPv4 address"),
     (["serve", "--blocks", "0:10", "--port", "70000"], "0..65535"),
+    (["serve", "--blocks", "0:10", "--announce-maddrs", "/ip4/1.2.3.4/tcp/0"], "explicit port"),
+    (["serve", "--blocks", "0:10", "--announce-maddrs", "1.2.3.4:80"], "is not a multiaddr"),
+    (["serve", "--blocks", "0:10", "--announce-maddrs", "/ip4/1.2.3.4/udp/80"], "must be /ip4|ip6|dns/HOST/tcp/PORT"),
     (["serve", "--blocks", "0:10", "--weights-from", "nobody"], "peer id"),
     (["serve", "--blocks", "0:10", "--trusted-verifiers", "a1", "--verifier-quorum", "2"], "exceeds the 1 trusted"),
     (["serve", "--blocks", "0:10", "--trusted-verifiers", "KEY"], "is not a verifier key"),
@@ -62,6 +68,10 @@ def test_a_malformed_multiaddr_is_named_before_anything_starts(command, address,
     (["generate", "Hello", "--initial-peers", ADDR, "--verify-fraction", "2"], "--verify-fraction: expected a number between 0 and 1"),
     (["generate", "Hello", "--initial-peers", ADDR, "--audit-fraction", "-1"], "--audit-fraction: expected a number between 0 and 1"),
     (["generate", "Hello", "--initial-peers", ADDR, "--spans", "0:30"], "go with --local"),
+    (["generate", "--local"], "give a prompt or --prompts-file, not both"),
+    (["generate", "Hello", "--prompts-file", "/no/such/file", "--local"], "give a prompt or --prompts-file, not both"),
+    (["generate", "--prompts-file", "/no/such/file", "--local"], "--prompts-file /no/such/file: no such file"),
+    (["generate", "Hello", "--local", "--stream"], "--stream goes with --prompts-file"),
     (["verify", "--initial-peers", ADDR, "--theta", "2"], "theta"),
     (["eval-ppl", "--text", "/no/such/file"], "no text"),
     (["demo", "--servers", "31"], "exceeds the model's 30 blocks"),
@@ -69,3 +79,30 @@ def test_a_malformed_multiaddr_is_named_before_anything_starts(command, address,
 ])
 def test_bad_arguments_are_named_in_one_line(argv, message, capsys):
     assert message in one_line_error(argv, capsys)
+
+
+def test_prompts_files_are_read_as_lines_or_jsonl_and_bad_ones_named(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("Say hi.\n\nName a colour.\n")
+    assert read_prompts(plain) == ["Say hi.", "Name a colour."]
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"prompt": "Say hi."}\n"Name a colour."\n')
+    assert read_prompts(jsonl) == ["Say hi.", "Name a colour."]
+    jsonl.write_text('{"prompt": "Say hi."}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="line 2: needs a non-empty"):
+        read_prompts(jsonl)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+
+
+def test_generate_prints_one_json_line_per_prompt_of_a_file(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Say hi.\nWhat is two plus two?\n")
+    assert main(["generate", "--local", "--prompts-file", str(prompts), "--greedy", "--max-new-tokens", "6", "--stream"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    finals = [line for line in lines if "text" in line]
+    assert [line["index"] for line in finals] == [0, 1] and finals[1]["prompt"] == "What is two plus two?"
+    for final in finals:
+        deltas = "".join(line["delta"] for line in lines if "delta" in line and line["index"] == final["index"])
+        assert deltas == final["text"] and 1 <= final["new_tokens"] <= 6
