@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from efedllm.client.sampling import GenerationConfig, choose_next_token
+from efedllm.client.sampling import GenerationConfig, choose_next_token, sampling_generator
 from efedllm.client.token_stream import TokenStream
 
 
@@ -56,25 +56,23 @@ def generate_rows(parts, session: BatchSession, prompts: list[torch.Tensor], con
     started = time.perf_counter()
     streams = [TokenStream(parts.tokenizer, prompt[0], config, eos, _row_callback(on_text, row))
                for row, prompt in enumerate(prompts)]
-    generators = [torch.Generator().manual_seed(config.seed) if config.seed is not None else None for _ in prompts]
-    first, last = [0.0] * len(prompts), [0.0] * len(prompts)
+    generators = [sampling_generator(config) for _ in prompts]
     active, step_ids = list(range(len(prompts))), list(prompts)
     for _ in range(config.max_new_tokens):
         if not active:
             break
         hidden = session.step_rows(active, [parts.embed(step_ids[row]) for row in active])  # [1, tokens, hidden] each
         logits = parts.logits(torch.cat([states[:, -1:] for states in hidden]))[:, -1]  # [active rows, vocab]
-        now = time.perf_counter()
         for row, row_logits in zip(list(active), logits):
             token = choose_next_token(row_logits, streams[row].history, config, generators[row])
-            first[row], last[row] = first[row] or now - started, now - started
             if streams[row].add(token):
                 active.remove(row)
                 session.close_row(row)
             else:
                 step_ids[row] = torch.tensor([[token]])
     return [{"token_ids": stream.new_ids, "text": stream.finish(), "finish_reason": stream.finish_reason,
-             "time_to_first_token": first[row], "seconds": last[row], "prompt_tokens": prompts[row].shape[1],
+             "time_to_first_token": stream.times[0] - started if stream.times else 0.0,
+             "seconds": stream.times[-1] - started if stream.times else 0.0, "prompt_tokens": prompts[row].shape[1],
              "token_times": stream.times}
             for row, stream in enumerate(streams)]
 

@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 import torch
 
 from efedllm.client.batch_generation import BatchSession, generate_rows, prompt_rows
-from efedllm.client.sampling import GenerationConfig, choose_next_token
+from efedllm.client.sampling import GenerationConfig, choose_next_token, sampling_generator
 from efedllm.client.token_stream import TokenStream
 
 
@@ -135,7 +135,7 @@ class CausalLMClient:
 
     def _decode_loop(self, session, input_ids, config, on_text):
         eos = self.eos_token_ids() if config.stop_on_eos else set()
-        generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        generator = sampling_generator(config)
         stream, step_ids, first_token_at = TokenStream(self.parts.tokenizer, input_ids[0], config, eos, on_text), input_ids, 0.0
         for _ in range(config.max_new_tokens):
             hidden = session.step(self.parts.embed(step_ids))  # [1, tokens, hidden]

@@ -61,6 +61,11 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def sampling_generator(config: GenerationConfig) -> torch.Generator | None:
+    """The random generator a generation samples with: seeded by ``config.seed``, or None (torch's global one)."""
+    return torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+
+
 def choose_next_token(
     logits: torch.Tensor, previous_ids: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None
 ) -> int:

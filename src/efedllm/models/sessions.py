@@ -93,6 +93,9 @@ class SpanSessions:
     def step(self, session_id: str, hidden_states: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Run one step of a session; returns hidden states of the same shape."""
         session, position = self._prepared(session_id, hidden_states, position)
+        return self._run_alone(session, hidden_states, position)
+
+    def _run_alone(self, session: Session, hidden_states: torch.Tensor, position: int) -> torch.Tensor:
         with torch.inference_mode():
             outputs = self.model(hidden_states, position=position, cache=session.cache, blocks=session.blocks)
         session.length = position + hidden_states.shape[1]
@@ -104,10 +107,12 @@ class SpanSessions:
         per step in order, its outputs or the SpanInputError that refused it (the others still run)."""
         results: list = [None] * len(steps)
         groups: dict[tuple, list] = {}
+        seen: set[str] = set()
         for index, (session_id, hidden_states, position) in enumerate(steps):
             try:
-                if any(other == session_id for other, _, _ in steps[:index]):
+                if session_id in seen:
                     raise SpanInputError(f"two steps of session {session_id!r} in one batch")
+                seen.add(session_id)
                 session, position = self._prepared(session_id, hidden_states, position)
             except SpanInputError as error:
                 results[index] = error
@@ -122,10 +127,7 @@ class SpanSessions:
         """One forward over sessions of the same blocks and step length; (index, session, hidden, position) each."""
         if len(members) == 1:
             _, session, hidden_states, position = members[0]
-            with torch.inference_mode():
-                outputs = self.model(hidden_states, position=position, cache=session.cache, blocks=blocks)
-            session.length = position + tokens
-            return [outputs]
+            return [self._run_alone(session, hidden_states, position)]
         parts = [RaggedPart(session.cache, hidden_states.shape[0], position) for _, session, hidden_states, position in members]
         with torch.inference_mode():
             outputs = self.model.forward_ragged(torch.cat([member[2] for member in members]), parts, blocks)

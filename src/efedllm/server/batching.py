@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from efedllm.common.spans import Span
 from efedllm.models.sessions import SpanSessions
 
 logger = logging.getLogger(__name__)
@@ -52,7 +51,6 @@ class WaitingStep:
 
     session_id: str
     owner: str  # the peer that owns the session (fairness counts per owner)
-    blocks: Span
     rows: int
     tokens: int  # tokens of it not yet run
 
@@ -101,7 +99,6 @@ def plan_pass(waiting: list[WaitingStep], limits: BatchLimits) -> list[tuple[int
 class _Queued:
     session_id: str
     owner: str
-    blocks: Span
     hidden: torch.Tensor  # [rows, tokens, hidden]
     position: int
     future: asyncio.Future
@@ -109,7 +106,7 @@ class _Queued:
     outputs: list = field(default_factory=list)  # [rows, chunk, hidden] per chunk run
 
     def waiting(self) -> WaitingStep:
-        return WaitingStep(self.session_id, self.owner, self.blocks, self.hidden.shape[0], self.hidden.shape[1] - self.done)
+        return WaitingStep(self.session_id, self.owner, self.hidden.shape[0], self.hidden.shape[1] - self.done)
 
 
 class StepBatcher:
@@ -123,11 +120,11 @@ class StepBatcher:
         self._worker: asyncio.Task | None = None
         self.passes = self.merged_rows = 0  # what metrics and tests read: passes run, rows run in them
 
-    async def run(self, session_id: str, owner: str, blocks: Span, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    async def run(self, session_id: str, owner: str, hidden: torch.Tensor, position: int) -> torch.Tensor:
         """The step's outputs [rows, tokens, hidden]; raises what refused it (SpanInputError, ...)."""
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._work())
-        queued = _Queued(session_id, owner, blocks, hidden, position, asyncio.get_running_loop().create_future())
+        queued = _Queued(session_id, owner, hidden, position, asyncio.get_running_loop().create_future())
         self._queue.append(queued)
         self._wake.set()
         return await queued.future

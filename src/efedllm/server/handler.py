@@ -294,7 +294,7 @@ class SpanServicer:
         if delay > 0:
             await asyncio.sleep(delay)
         hidden, context = inputs.hidden, self._fault_context(step, inputs.hidden, path)
-        outputs = await self.batcher.run(step.session_id, self._lease(step.session_id).owner, step.span, hidden, step.position)
+        outputs = await self.batcher.run(step.session_id, self._lease(step.session_id).owner, hidden, step.position)
         if self.fault is not None:
             outputs = self.fault.corrupt(hidden, outputs, context)
         self.last_used[step.session_id] = time.monotonic()

@@ -8,18 +8,16 @@ import itertools
 import pytest
 import torch
 
-from efedllm.common.spans import Span
 from efedllm.models.sessions import SpanInputError, SpanSessions
 from efedllm.models.span import load_span
 from efedllm.models.synthetic import tiny_config, write_checkpoint
 from efedllm.server.batching import BatchLimits, StepBatcher, WaitingStep, fair_order, plan_pass
 
-BLOCKS = Span(0, 8)
 SESSION_NUMBERS = itertools.count()
 
 
 def _waiting(owner: str, tokens: int = 1, rows: int = 1, session: str | None = None) -> WaitingStep:
-    return WaitingStep(session or f"{owner}-{next(SESSION_NUMBERS)}", owner, BLOCKS, rows, tokens)
+    return WaitingStep(session or f"{owner}-{next(SESSION_NUMBERS)}", owner, rows, tokens)
 
 
 def test_fair_order_takes_one_step_of_each_owner_in_turn():
@@ -80,10 +78,10 @@ def test_concurrent_steps_merge_into_passes_and_equal_each_session_alone(tiny_sp
 
     async def scenario():
         batcher = StepBatcher(batched, _in_thread, BatchLimits(max_tokens=40, min_chunk=16))
-        results = await asyncio.gather(batcher.run("long", "peer-b", BLOCKS, long_prompt, 0),
-                                       *(batcher.run(session_id, "peer-a", BLOCKS, hidden, 0)
+        results = await asyncio.gather(batcher.run("long", "peer-b", long_prompt, 0),
+                                       *(batcher.run(session_id, "peer-a", hidden, 0)
                                          for session_id, hidden in prompts.items()),
-                                       batcher.run("missing", "peer-a", BLOCKS, long_prompt[:, :1], 0),
+                                       batcher.run("missing", "peer-a", long_prompt[:, :1], 0),
                                        return_exceptions=True)
         await batcher.shutdown()
         return results, batcher.passes
