@@ -30,7 +30,7 @@ EFEDLLM = str(Path(sys.executable).parent / "efedllm")
 PLACEHOLDERS = ("ADDR", "PEER_ID", "KEY")
 # command -> the line it prints once it is up (it then runs until stopped)
 UP_MARKERS = {"dht": "efedllm dht: --initial-peers ", "serve": " serves blocks ", "verify": "efedllm verifier key: ",
-              "swarm": '{"initial_peers": '}
+              "swarm": '"initial_peers": ', "api": '{"url": '}
 COMMAND_TIMEOUT = 900.0
 
 

@@ -6,20 +6,26 @@ honest bfloat16 server, and one server per fault mode, every one hosting 10 bloc
 
 from __future__ import annotations
 
+import shutil
 import time
 
+import httpx
 import pytest
 import torch
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
+from playwright.sync_api import sync_playwright
 
+from efedllm.api.app import ApiServer
+from efedllm.api.config import ApiConfig
 from efedllm.client.config import RemoteClientConfig
 from efedllm.client.local import LocalModelForCausalLM
 from efedllm.client.remote import DistributedModelForCausalLM
 from efedllm.client.sampling import GenerationConfig
 from efedllm.common.spans import Span
 from efedllm.dht.records import TrustVerdict
+from efedllm.dht.identity import peer_id_of_owner
 from efedllm.dht.signed import owner_key
 from efedllm.dht.verdicts import deactivated_peers_in_dht, fetch_verdicts, verdict_key
 from efedllm.server.swarm import LocalSwarm, peer_id_of
@@ -157,3 +163,37 @@ def test_reference_trace_matches_a_whole_span_forward(verified_swarm):
         whole = verifier.reference(verifier.parts.embed(token_ids), blocks=Span(0, 20))  # no cache: one causal pass
     assert trace.tokens == 40 and len(trace.steps) == 4
     torch.testing.assert_close(trace.expected(Span(10, 20)), whole, rtol=1e-4, atol=1e-3)
+
+
+def test_api_monitor_shows_verdicts_deactivations_and_balances(verified_swarm, tmp_path):
+    """The API's swarm monitor over this swarm, in a real Chromium: the verifier's verdicts (trusted), its
+    deactivations in red and the ledger's balances; a screenshot is saved under the test's temporary folder."""
+    swarm, verifier, peers, _ = verified_swarm
+    faulty = {peers[name] for name in FAULTY}
+    config = ApiConfig(model=MODEL, initial_peers=tuple(swarm.initial_peers), port=0, probe_interval=0,
+                       ledger_path=str(verifier.config.decisions.ledger_path),
+                       client=RemoteClientConfig(trusted_verifier_keys=(verifier.key,)))
+    api = ApiServer(config).start()
+    try:
+        snapshot = httpx.get(api.url + "/api/swarm", timeout=60).json()
+        rows = {row["peer_id"]: row for row in snapshot["servers"]}
+        assert set(rows) == set(peers.values()) and snapshot["ledger"]
+        assert {peer for peer, row in rows.items() if row["state"] == "deactivated"} == faulty
+        for peer, row in rows.items():
+            (verdict,) = [v for v in row["verdicts"] if v["verifier"] == peer_id_of_owner(verifier.key)]
+            assert verdict["trusted"] and verdict["active"] == (peer not in faulty)
+        assert all(rows[peers[name]]["balance"] > 0 for name in HONEST)  # paid by the ledger test before this one
+        chromium = shutil.which("chromium")
+        assert chromium, "Debian's chromium is not installed (make test installs it with apt)"
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, headless=True)
+            page = browser.new_page(viewport={"width": 1500, "height": 800})
+            page.goto(api.url + "/#monitor")
+            page.wait_for_function(f"() => document.querySelectorAll('#servers tbody tr').length === {len(peers)}",
+                                   timeout=60_000)
+            assert page.locator("#servers td.state-deactivated").count() == len(faulty)
+            page.screenshot(path=str(tmp_path / "monitor-verified.png"), full_page=True)
+            browser.close()
+        print(f"monitor screenshot: {tmp_path / 'monitor-verified.png'}")
+    finally:
+        api.shutdown()

@@ -1,7 +1,7 @@
 """The ``efedllm`` command. Each subcommand's module registers its parser and builds its role's frozen
 config from the arguments, checking them before any I/O; the role then runs.
 
-Commands: ``generate`` (:mod:`.generate`), ``serve`` and ``dht`` (:mod:`.serve`), ``demo`` and
+Commands: ``generate`` (:mod:`.generate`), ``api`` (:mod:`.api`), ``serve`` and ``dht`` (:mod:`.serve`), ``demo`` and
 ``swarm up`` (:mod:`.swarm`), ``verify`` (:mod:`.verify`), ``ledger`` (:mod:`.ledger`),
 ``eval-ppl`` (:mod:`.eval_ppl`), ``analyze`` (:mod:`.analyze`).
 
@@ -26,6 +26,7 @@ COMMANDS = {
     "generate": ("efedllm.cli.generate", "generate text, locally (--local) or through a swarm"),
     "serve": ("efedllm.cli.serve", "host a span of blocks in a swarm"),
     "dht": ("efedllm.cli.serve", "run a bootstrap-only DHT node"),
+    "api": ("efedllm.cli.api", "serve an OpenAI-compatible API and a web UI over a swarm"),
     "demo": ("efedllm.cli.swarm", "start a local swarm, stream an answer, shut down"),
     "swarm": ("efedllm.cli.swarm", "manage a local swarm (swarm up)"),
     "verify": ("efedllm.cli.verify", "probe a swarm's servers, publish trust verdicts, credit rewards"),

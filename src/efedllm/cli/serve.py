@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     serve.add_argument("--announce-maddrs", nargs="+", default=[], metavar="MADDR",
                        help="addresses other peers dial instead of --host/--port (behind NAT, port forwarding or a relay), "
                             "e.g. /ip4/203.0.113.5/tcp/31337")
+    serve.add_argument("--metrics-port", type=port, default=None, metavar="PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; default: none)")
     arguments.add_dtype(serve, quant=True)
     serve.add_argument("--max-sessions", type=positive_int, default=16)
     serve.add_argument("--max-sessions-per-peer", type=positive_int, default=None, metavar="N",
@@ -89,6 +91,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         ready_file=args.ready_file, identity_path=args.identity, cache_budget_mb=args.cache_budget_mb,
         max_batch=args.max_batch, max_sessions_per_peer=args.max_sessions_per_peer,
         batch_limits=BatchLimits(args.batch_max_rows, args.batch_max_tokens, args.prefill_chunk),
+        metrics_port=args.metrics_port,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -11,6 +12,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from efedllm.cli.api import add_api_arguments, api_config, serve_until_interrupted
 from efedllm.cli.arguments import add_model
 from efedllm.cli.parser import positive_int
 from efedllm.client.remote import DistributedModelForCausalLM
@@ -31,6 +33,9 @@ def register(subparsers) -> None:
     swarm_commands = swarm.add_subparsers(dest="swarm_command", required=True)
     up = swarm_commands.add_parser("up", help="start a local swarm and keep it up until Ctrl-C")
     _add_swarm_arguments(up)
+    up.add_argument("--api", action="store_true", help="also serve the OpenAI-compatible API and web UI; prints its URL")
+    up.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    add_api_arguments(up)
     up.set_defaults(func=run_swarm_up)
 
 
@@ -90,9 +95,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_swarm_up(args: argparse.Namespace) -> int:
+    config = api_config(args, ["/ip4/127.0.0.1/tcp/1/p2p/placeholder"]) if args.api else None  # arguments checked first
     swarm = _start_swarm(args)
     try:
         print_server_table(swarm.server_records()[0])
+        if config is not None:
+            config = dataclasses.replace(config, initial_peers=tuple(swarm.initial_peers))
+            serve_until_interrupted(config, {"initial_peers": swarm.initial_peers})
+            return 0
         print(json.dumps({"initial_peers": swarm.initial_peers}), flush=True)
         print("swarm is up; Ctrl-C to stop", file=sys.stderr, flush=True)
         while True:

@@ -64,7 +64,8 @@ def generate_rows(parts, session: BatchSession, prompts: list[torch.Tensor], con
         hidden = session.step_rows(active, [parts.embed(step_ids[row]) for row in active])  # [1, tokens, hidden] each
         logits = parts.logits(torch.cat([states[:, -1:] for states in hidden]))[:, -1]  # [active rows, vocab]
         for row, row_logits in zip(list(active), logits):
-            token = choose_next_token(row_logits, streams[row].history, config, generators[row])
+            token = choose_next_token(row_logits, streams[row].history, config, generators[row],
+                                      streams[row].new_ids)
             if streams[row].add(token):
                 active.remove(row)
                 session.close_row(row)

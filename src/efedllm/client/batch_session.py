@@ -3,11 +3,15 @@ of its own (its own chain sessions, cache length and failover), and a step of se
 every row's step at once, so each server merges them into one pass (:mod:`efedllm.server.batching`).
 
 Call order: ``open``, ``step_rows`` many times, ``close_row`` as rows stop, ``finish``.
+
+:class:`RemoteRowSessions` is the same for rows that join and leave between steps (continuous
+batching in a client, as :mod:`efedllm.api.engine` does for concurrent API requests).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 
 import torch
 
@@ -46,3 +50,38 @@ class RemoteBatchSession:
 async def _together(coroutines: list) -> list:
     """The coroutines' results, run concurrently on the client's loop (gather must be called there)."""
     return list(await asyncio.gather(*coroutines))
+
+
+class RemoteRowSessions:
+    """Row sessions that come and go. Call order: ``open(max_length)`` (a future of the opened session), ``step``
+    with the open sessions of this step, ``close(session)`` when a row ends. Any thread may call them."""
+
+    def __init__(self, host: SessionHost) -> None:
+        self.host = host
+
+    def open(self, max_length: int) -> concurrent.futures.Future:
+        """Opens a session on a chain covering every block, in the background (failover as ``generate``'s)."""
+        session = RemoteInferenceSession(self.host, max_length)
+        return self.host.loop.submit(_opened(session, self.host.config.server_view_max_age))
+
+    def step(self, sessions: list[RemoteInferenceSession], hidden_states: list[torch.Tensor]) -> list:
+        """Each session's step [1, tokens, hidden], all at once; per session its output, or the exception it raised
+        (one row's failure after its retries does not fail the others)."""
+        return self.host.run(_together_settled([session.step_async(hidden) for session, hidden in zip(sessions, hidden_states)]))
+
+    def close(self, session: RemoteInferenceSession) -> concurrent.futures.Future:
+        """Closes the session's chain in the background (an audited session goes to the verifiers)."""
+        return self.host.loop.submit(session.finish())
+
+
+async def _opened(session: RemoteInferenceSession, view_max_age: float) -> RemoteInferenceSession:
+    try:
+        await session.reopen(view_max_age)
+    except BaseException:
+        await session.close()
+        raise
+    return session
+
+
+async def _together_settled(coroutines: list) -> list:
+    return list(await asyncio.gather(*coroutines, return_exceptions=True))

@@ -140,7 +140,7 @@ class CausalLMClient:
         for _ in range(config.max_new_tokens):
             hidden = session.step(self.parts.embed(step_ids))  # [1, tokens, hidden]
             logits = self.parts.logits(hidden[:, -1:])[0, -1]  # [vocab]
-            token = choose_next_token(logits, stream.history, config, generator)
+            token = choose_next_token(logits, stream.history, config, generator, stream.new_ids)
             first_token_at = first_token_at or time.perf_counter()
             if stream.add(token):
                 break

@@ -23,7 +23,7 @@ from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 
 from efedllm.client.audit import AuditRecord, SessionAudit
-from efedllm.client.batch_session import RemoteBatchSession
+from efedllm.client.batch_session import RemoteBatchSession, RemoteRowSessions
 from efedllm.client.config import RemoteClientConfig
 from efedllm.client.generation import CausalLMClient
 from efedllm.client.routing import RouteHop
@@ -77,7 +77,9 @@ class DistributedModelForCausalLM(CausalLMClient):
         return instance
 
     # lifecycle -----------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, wait_for_coverage: bool = True) -> None:
+        """Joins the swarm; unless ``wait_for_coverage`` is False (an API that must answer 503 while blocks are
+        missing), waits up to ``discovery_timeout`` until its servers cover every block."""
         self.parts = load_client_parts(self.model_name, self.config.dtype)
         identity = Identity.generate()  # a client is a new peer every start: nothing ties its sessions together
         self.validator, self.client_key = identity.validator, identity.owner_key
@@ -91,7 +93,10 @@ class DistributedModelForCausalLM(CausalLMClient):
         self.delivery = DeliveryServicer()
         self.run(self.delivery.start(self.p2p))
         self.steps, self.pushes = ChannelPool(self.p2p, STEP_STREAM), ChannelPool(self.p2p, STEP_PUSH)
-        self.view.wait_for_coverage(self.config.discovery_timeout)
+        if wait_for_coverage:
+            self.view.wait_for_coverage(self.config.discovery_timeout)
+        else:
+            self.view.refresh()
         if self.config.refresh_view_in_background and self.config.server_view_max_age > 0:
             self.loop.submit(self.view.refresh_periodically(0.8 * self.config.server_view_max_age))
 
@@ -134,6 +139,22 @@ class DistributedModelForCausalLM(CausalLMClient):
             return await session.forward(inputs, 0)
         finally:
             await session.close()
+
+    async def probe(self, hop: RouteHop) -> None:
+        """Measures one server for this client's view: a session opened on its whole span (its round trip) and
+        one relayed decode step of a real token's embedding (its step time). What routing and the monitor show
+        is then measured here, not what the server claims."""
+        session = RemoteInferenceSession(self, max_length=1, audited=False)
+        try:
+            await session.open_route([hop])
+            token = torch.tensor([[self.parts.tokenizer.eos_token_id or 0]])
+            await session.forward(self.parts.embed(token), 0, relay=True)
+        finally:
+            await session.close()
+
+    def row_sessions(self) -> RemoteRowSessions:
+        """Sessions for rows that join and leave between steps (:class:`~efedllm.client.batch_session.RemoteRowSessions`)."""
+        return RemoteRowSessions(self)
 
     def draw_audit(self) -> bool:
         """Whether the next session is audited (a private draw with probability ``config.audit_fraction``)."""

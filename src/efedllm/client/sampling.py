@@ -9,7 +9,9 @@ import torch
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How to generate. ``greedy`` ignores temperature/top-k/top-p; ``seed`` makes sampling repeatable."""
+    """How to generate. ``greedy`` ignores temperature/top-k/top-p; ``seed`` makes sampling repeatable.
+    ``presence_penalty`` and ``frequency_penalty`` are OpenAI's (in [-2, 2], over the generated tokens only);
+    ``repetition_penalty`` is transformers' (over prompt and generated tokens)."""
 
     max_new_tokens: int = 64
     greedy: bool = False
@@ -20,6 +22,8 @@ class GenerationConfig:
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
     stop_on_eos: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -32,6 +36,9 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not isinstance(self.stop_strings, tuple) or not all(isinstance(s, str) and s for s in self.stop_strings):
             raise ValueError("stop_strings must be a tuple of non-empty strings")
 
@@ -45,6 +52,15 @@ def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, p
     scores = logits[seen]
     logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
     return logits
+
+
+def apply_openai_penalties(logits: torch.Tensor, generated_ids: list[int], presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: ``logits[j] -= count[j] * frequency + (count[j] > 0) * presence`` over the tokens
+    generated so far (not the prompt's). logits: [vocab]."""
+    if (presence == 0.0 and frequency == 0.0) or not generated_ids:
+        return logits
+    counts = torch.bincount(torch.tensor(generated_ids), minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -67,15 +83,30 @@ def sampling_generator(config: GenerationConfig) -> torch.Generator | None:
 
 
 def choose_next_token(
-    logits: torch.Tensor, previous_ids: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None
+    logits: torch.Tensor, previous_ids: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None,
+    generated_ids: list[int] = (),
 ) -> int:
-    """The next token id from the last position's logits [vocab]."""
+    """The next token id from the last position's logits [vocab]; ``previous_ids`` [tokens] are the prompt's and
+    the generated ones (repetition penalty), ``generated_ids`` the generated ones (OpenAI's penalties)."""
     logits = apply_repetition_penalty(logits.float(), previous_ids, config.repetition_penalty)
+    logits = apply_openai_penalties(logits, list(generated_ids), config.presence_penalty, config.frequency_penalty)
     if config.greedy:
         return int(torch.argmax(logits))
     logits = filter_top_k_top_p(logits / config.temperature, config.top_k, config.top_p)
     probabilities = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+def held_back_length(text: str, stop_strings: tuple[str, ...]) -> int:
+    """How many characters at the end of ``text`` could begin a stop string: streaming holds them back until the
+    next tokens show whether the stop string follows (so streamed text equals the final, cut text)."""
+    longest = 0
+    for stop in stop_strings:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
 
 
 def find_stop(text: str, stop_strings: tuple[str, ...]) -> int | None:

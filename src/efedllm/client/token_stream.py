@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from efedllm.client.sampling import GenerationConfig, find_stop
+from efedllm.client.sampling import GenerationConfig, find_stop, held_back_length
 
 
 class TokenStream:
@@ -40,18 +40,21 @@ class TokenStream:
         stop_at = find_stop(text, self.config.stop_strings)
         if stop_at is not None:
             text, self.finish_reason, self.cut = text[:stop_at], "stop", True
-        if self.on_text is not None and len(text) > len(self.streamed) and not text.endswith("\ufffd"):
-            self.on_text(text[len(self.streamed):])  # an incomplete UTF-8 character waits for its next token
-            self.streamed = text
+        if self.on_text is not None and stop_at is None:
+            self._stream(text[: len(text) - held_back_length(text, self.config.stop_strings)])
         self.text = text
         return stop_at is not None
 
     def finish(self) -> str:
         """The row's text, the rest of it streamed; after a stop string, the text cut before it."""
-        if self.cut:
-            return self.text
-        text = self.tokenizer.decode(self.new_ids, skip_special_tokens=True)
+        text = self.text if self.cut else self.tokenizer.decode(self.new_ids, skip_special_tokens=True)
         if self.on_text is not None and len(text) > len(self.streamed):
             self.on_text(text[len(self.streamed):])
             self.streamed = text
         return text
+
+    def _stream(self, text: str) -> None:
+        """Sends what ``text`` adds to what was streamed; an incomplete UTF-8 character waits for its next token."""
+        if len(text) > len(self.streamed) and not text.endswith("\ufffd"):
+            self.on_text(text[len(self.streamed):])
+            self.streamed = text

@@ -37,7 +37,8 @@ class ServerConfig:
     that file instead of reading its log. ``announce_maddrs``: the addresses other peers dial instead of the
     listening ones (a server behind NAT, port forwarding or a relay; each with an explicit port). ``cache_budget_mb``, ``max_batch`` and
     ``max_sessions_per_peer`` bound what sessions may hold (:meth:`admission_policy`); ``batch_limits`` how
-    the steps of concurrent sessions merge into passes (:mod:`efedllm.server.batching`). ``identity_path``: the server's key file (its peer id
+    the steps of concurrent sessions merge into passes (:mod:`efedllm.server.batching`). ``metrics_port``: serve Prometheus metrics on ``host`` at this port (0: any free
+    port, written to the ready file; None: no metrics). ``identity_path``: the server's key file (its peer id
     and signing key, created on first start); None: a fresh identity each start.
     """
 
@@ -70,6 +71,7 @@ class ServerConfig:
     max_batch: int = 16
     max_sessions_per_peer: int | None = None
     batch_limits: BatchLimits = BatchLimits()
+    metrics_port: int | None = None
 
     def admission_policy(self, kv_bytes_per_token: int) -> AdmissionPolicy:
         """The limits on sessions for a span whose cache takes ``kv_bytes_per_token`` bytes per token.
@@ -90,8 +92,8 @@ class ServerConfig:
             raise ValueError("give exactly one of blocks (e.g. 0:10) or num_blocks")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if not 0 <= self.port <= 65535 or not 0 <= (self.metrics_port or 0) <= 65535:
+            raise ValueError(f"port and metrics_port must be in 0..65535, got {self.port} and {self.metrics_port}")
         if self.max_sessions < 1 or self.max_session_length < 1 or self.max_batch < 1:
             raise ValueError("max_sessions, max_session_length and max_batch must be >= 1")
         if (self.cache_budget_mb is not None and not self.cache_budget_mb > 0) or (self.max_sessions_per_peer or 1) < 1:

@@ -66,6 +66,7 @@ from efedllm.protocol.messages import (
 )
 from efedllm.protocol.service import STEP_PUSH, STEP_STREAM, serve_span_service, stop_span_service
 from efedllm.server.admission import AccessError, AdmissionError, AdmissionPolicy, SessionLease, admit, check_access, free_tokens
+from efedllm.server.metrics import NoMetrics, rejection_reason
 from efedllm.server.batching import BatchLimits, StepBatcher
 from efedllm.server.faults import FaultMode, StepContext
 from efedllm.server.memory import release_freed_memory
@@ -105,8 +106,10 @@ class SpanServicer:
 
     def __init__(self, sessions: SpanSessions, p2p: P2P, compute, policy: AdmissionPolicy, fault: FaultMode | None = None,
                  wire_formats=codec.WIRE_FORMATS, compression: dict | None = None, signer: ReceiptSigner | None = None,
-                 certificate: ReceiptCertificate | None = None, batch_limits: BatchLimits = BatchLimits()) -> None:
+                 certificate: ReceiptCertificate | None = None, batch_limits: BatchLimits = BatchLimits(),
+                 metrics: NoMetrics = NoMetrics()) -> None:
         self.sessions, self.p2p, self.compute, self.policy, self.fault = sessions, p2p, compute, policy, fault
+        self.metrics = metrics  # steps computed and requests refused (server/metrics.py)
         self.batcher = StepBatcher(sessions, compute, batch_limits)  # steps of all sessions, merged into passes
         self.signer, self.certificate = signer, certificate
         self.peer_id = p2p.peer_id.to_base58()
@@ -138,6 +141,7 @@ class SpanServicer:
         try:
             self._open(codec.read_message(OpenSessionRequest, request), context.remote_id.to_base58())
         except (RecordError, SpanInputError, AdmissionError) as error:
+            self.metrics.on_rejected(rejection_reason(error))
             return codec.error_reply(str(error))
         return codec.response(Reply(certificate=self.certificate)) if self.certificate else codec.ok_reply()
 
@@ -172,6 +176,7 @@ class SpanServicer:
             session_id = codec.read_message(CloseSessionRequest, request).session_id
             check_access(self._lease(session_id), session_id, context.remote_id.to_base58(), closing=True)
         except (RecordError, SpanInputError, AccessError) as error:
+            self.metrics.on_rejected(rejection_reason(error))
             return codec.error_reply(str(error))
         self._drop(session_id)
         return codec.ok_reply()
@@ -191,10 +196,13 @@ class SpanServicer:
                 return codec.ok_reply()  # queued before the task computes: the caller is free at once
             outcome = await self._compute_step(step, inputs, path)
         except UpstreamError as error:
+            self.metrics.on_rejected("upstream")
             return codec.error_reply(str(error), failed_peer=error.peer_id)
         except (RecordError, SpanInputError, AccessError) as error:
+            self.metrics.on_rejected(rejection_reason(error))
             return codec.error_reply(str(error))
         except Exception as error:  # a bug in one step must not end the stream that other sessions share
+            self.metrics.on_rejected("internal")
             logger.exception("a step failed")
             return codec.error_reply(f"{type(error).__name__}: {error}")
         if not step.next_hops:
@@ -211,6 +219,7 @@ class SpanServicer:
         try:
             step = codec.read_message(StepRequest, request)
         except RecordError as error:
+            self.metrics.on_rejected("invalid")
             logger.info("unreadable one-way step from %s: %s", context.remote_id, error)
             return
         if step.deliver_to is None:
@@ -219,12 +228,15 @@ class SpanServicer:
         try:
             inputs = self._step_inputs(step, request, context.remote_id.to_base58())
         except AccessError as error:  # not from the session's owner or upstream: nobody of its chain to tell
+            self.metrics.on_rejected("access")
             logger.info("refused a one-way step: %s", error)
             return
         except UpstreamError as error:  # the previous hop's word against its own receipt: it is to blame
+            self.metrics.on_rejected("upstream")
             await self._report(step, str(error), error.peer_id)
             return
         except (RecordError, SpanInputError) as error:
+            self.metrics.on_rejected(rejection_reason(error))
             await self._report(step, str(error), self.peer_id)
             return
         await self._compute_and_hand_on(step, inputs, acknowledged=False, path="push")
@@ -294,7 +306,9 @@ class SpanServicer:
         if delay > 0:
             await asyncio.sleep(delay)
         hidden, context = inputs.hidden, self._fault_context(step, inputs.hidden, path)
+        started = time.perf_counter()
         outputs = await self.batcher.run(step.session_id, self._lease(step.session_id).owner, hidden, step.position)
+        self.metrics.on_step(hidden.shape[0], hidden.shape[1], time.perf_counter() - started)
         if self.fault is not None:
             outputs = self.fault.corrupt(hidden, outputs, context)
         self.last_used[step.session_id] = time.monotonic()

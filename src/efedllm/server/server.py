@@ -35,6 +35,7 @@ from efedllm.server.block_selection import block_coverage, choose_move, choose_w
 from efedllm.server.config import ServerConfig
 from efedllm.server.faults import FaultMode, RuledFault, parse_fault
 from efedllm.server.handler import SpanServicer
+from efedllm.server.metrics import NoMetrics, ServerMetrics
 from efedllm.server.weights import check_compression, fetch_span_weights, span_from_payload
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class Server:
         self.span: Span | None = None
         self.throughput = 0.0
         self.fault: FaultMode | None = None
+        self.metrics = ServerMetrics() if config.metrics_port is not None else NoMetrics()
+        self.metrics_port: int | None = None
         self._stopping: asyncio.Event | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute")
 
@@ -87,6 +90,10 @@ class Server:
     async def start(self) -> None:
         if self.config.torch_threads is not None:
             torch.set_num_threads(self.config.torch_threads)
+        if self.config.metrics_port is not None:
+            self.metrics.watch(self)
+            self.metrics_port = self.metrics.start_http(self.config.host, self.config.metrics_port)
+            print(f"efedllm server metrics at http://{self.config.host}:{self.metrics_port}/metrics", flush=True)
         path = self.config.identity_path
         identity = Identity.load_or_create(path) if path is not None else Identity.generate()
         self.validator = identity.validator  # records are signed by the key the peer id derives from
@@ -106,7 +113,7 @@ class Server:
         """Tells a launcher (``ready_file``) that this server is online: written whole, then renamed into place."""
         if self.config.ready_file is None:
             return
-        ready = {"peer_id": self.peer_id, "blocks": str(self.span), "maddrs": self.maddrs}
+        ready = {"peer_id": self.peer_id, "blocks": str(self.span), "maddrs": self.maddrs, "metrics_port": self.metrics_port}
         staging = self.config.ready_file.with_name(f".{self.config.ready_file.name}.{os.getpid()}")
         staging.write_text(json.dumps(ready))
         os.replace(staging, self.config.ready_file)
@@ -126,7 +133,7 @@ class Server:
         compression = self.config.compression.signature() if self.config.compression else None
         policy = self.config.admission_policy(model.kv_bytes_per_token())
         self.servicer = SpanServicer(self.sessions, self.p2p, self._compute, policy, fault, self.config.wire_formats,
-                                     compression, self.signer, self.certificate, self.config.batch_limits)
+                                     compression, self.signer, self.certificate, self.config.batch_limits, self.metrics)
         await self.servicer.start()
         self._announce(ServerState.ONLINE)
         self._write_ready_file()
@@ -176,6 +183,8 @@ class Server:
                 logger.warning("could not stop serving cleanly: %r", error)
         self.dht.shutdown()
         self.dht = None
+        if isinstance(self.metrics, ServerMetrics):
+            self.metrics.shutdown()
         self._executor.shutdown(wait=False)
         print(f"efedllm server {self.peer_id or '?'} left", flush=True)
 

@@ -76,6 +76,13 @@ def test_a_malformed_multiaddr_is_named_before_anything_starts(command, address,
     (["eval-ppl", "--text", "/no/such/file"], "no text"),
     (["demo", "--servers", "31"], "exceeds the model's 30 blocks"),
     (["ledger", "--epochs", "-1"], "positive integer"),
+    (["api"], "give --initial-peers of a swarm"),
+    (["api", "--initial-peers", ADDR, "--host", "localhost"], "--host must be an IP address"),
+    (["api", "--initial-peers", ADDR, "--port", "70000"], "a port must be in 0..65535"),
+    (["api", "--initial-peers", ADDR, "--api-key", "two words"], "--api-key must be non-empty and hold no whitespace"),
+    (["api", "--initial-peers", ADDR, "--max-rows", "0"], "positive integer"),
+    (["swarm", "up", "--api", "--host", "nohost"], "--host must be an IP address"),
+    (["serve", "--blocks", "0:10", "--metrics-port", "-1"], "a port must be in 0..65535"),
 ])
 def test_bad_arguments_are_named_in_one_line(argv, message, capsys):
     assert message in one_line_error(argv, capsys)

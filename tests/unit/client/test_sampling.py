@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from efedllm.client.sampling import (
-    GenerationConfig, apply_repetition_penalty, choose_next_token, filter_top_k_top_p, find_stop,
+    GenerationConfig, apply_openai_penalties, apply_repetition_penalty, choose_next_token, filter_top_k_top_p, find_stop,
+    held_back_length,
 )
 
 
@@ -39,3 +40,19 @@ def test_stop_strings_and_validation():
     for bad in ({"max_new_tokens": 0}, {"temperature": 0}, {"top_p": 1.5}, {"top_k": -1}, {"stop_strings": ("",)}):
         with pytest.raises(ValueError):
             GenerationConfig(**bad)
+
+
+def test_openai_penalties_count_generated_tokens_only():
+    logits = torch.zeros(5)
+    penalised = apply_openai_penalties(logits, [1, 1, 3], presence=0.5, frequency=0.25)
+    assert penalised.tolist() == [0.0, -1.0, 0.0, -0.75, 0.0]
+    assert apply_openai_penalties(logits, [], 1.0, 1.0) is logits
+    with pytest.raises(ValueError, match="presence_penalty"):
+        GenerationConfig(presence_penalty=2.5)
+
+
+def test_the_start_of_a_stop_string_is_held_back():
+    assert held_back_length("Hello wor", ("world",)) == 3
+    assert held_back_length("Hello", ("world",)) == 0
+    assert held_back_length("ab\n", ("\n\n", "xyz")) == 1
+    assert held_back_length("abc", ()) == 0

@@ -1,0 +1,43 @@
+"""The API's Prometheus metrics, in a registry of its own (several APIs may live in one process, as in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("efedllm_api_requests", "HTTP requests answered", ["endpoint", "status"],
+                                registry=self.registry)
+        self.tokens = Counter("efedllm_api_generated_tokens", "tokens generated for API requests", registry=self.registry)
+        self.time_to_first_token = Histogram("efedllm_api_time_to_first_token_seconds", "request arrival to its first token",
+                                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.step_seconds = Histogram("efedllm_api_step_seconds", "one engine step through the swarm (all rows)",
+                                      buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.step_rows = Histogram("efedllm_api_step_rows", "rows (choices of all requests) in one engine step",
+                                   buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.rejected_requests = Counter("efedllm_api_rejected_requests", "requests refused, by reason", ["reason"],
+                                         registry=self.registry)
+        self.active_rows = Gauge("efedllm_api_active_rows", "choices generating now", registry=self.registry)
+        self.waiting_requests = Gauge("efedllm_api_waiting_requests", "requests waiting for room", registry=self.registry)
+
+    def watch_engine(self, engine) -> None:
+        self.active_rows.set_function(lambda: engine.stats().active_rows)
+        self.waiting_requests.set_function(lambda: engine.stats().waiting_jobs)
+
+    def observe_step(self, rows: int, seconds: float) -> None:
+        self.step_seconds.observe(seconds)
+        self.step_rows.observe(rows)
+        self.tokens.inc(rows)
+
+    def rejected(self, reason: str) -> None:
+        self.rejected_requests.labels(reason=reason).inc()
+
+    def answered(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
