@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as the efedllm CLI does (server/swarm.py): before torch loads
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -159,11 +161,15 @@ def interactive(model, config: GenerationConfig, background: int, initial_peers:
 def background_client(initial_peers: list[str], rows: int, tokens: int) -> None:
     """The load of :func:`interactive`: batches of ``rows`` prompts, one after another, until terminated."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # leave through the finally: its DHT child must stop too
     model = DistributedModelForCausalLM.from_pretrained(MODEL, initial_peers=initial_peers)
-    config = GenerationConfig(max_new_tokens=tokens, greedy=True, stop_on_eos=False)
-    print("generating", flush=True)
-    while True:
-        model.generate_batch(prompts(rows), config)
+    try:
+        config = GenerationConfig(max_new_tokens=tokens, greedy=True, stop_on_eos=False)
+        print("generating", flush=True)
+        while True:
+            model.generate_batch(prompts(rows), config)
+    finally:
+        model.shutdown()
 
 
 def one_server(local: LocalModelForCausalLM, config: GenerationConfig, local_threads: int, server_threads: int) -> dict:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as the efedllm CLI does (server/swarm.py): before torch loads
 
 from efedllm.client.config import RemoteClientConfig  # noqa: E402
 from efedllm.client.remote import DistributedModelForCausalLM  # noqa: E402

@@ -51,6 +51,9 @@ def build_parser(command: str | None = None) -> Parser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # before torch loads libgomp: idle OpenMP workers spin briefly, then sleep, so a client or server waiting on
+    # the network leaves the cores to whichever peer on this machine computes (server/swarm.py has the figures)
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((argument for argument in argv if not argument.startswith("-")), None)
     register_lean_hivemind()  # before any command module imports hivemind: none of its training packages

@@ -26,9 +26,8 @@ import torch
 from efedllm.models.sessions import SpanSessions
 
 logger = logging.getLogger(__name__)
-INLINE_PASS_TOKENS = 1  # rows × tokens of a pass run on the event loop
 # Event-loop iterations the worker lets pass before it plans: a step already readable on a socket takes a
-# few (read, unframe, parse, handler) to reach the queue. With one, passes after an inline pass held a
+# few (read, unframe, parse, handler) to reach the queue. With one, passes after a quick pass held a
 # single row each: 32 concurrent sessions ran one row per pass (23.5 tokens/s, benchmarks/throughput.py).
 GATHER_ITERATIONS = 8
 
@@ -154,10 +153,10 @@ class StepBatcher:
         steps = [(queued.session_id, queued.hidden[:, queued.done:queued.done + take], queued.position + queued.done)
                  for queued, take in chosen]
         try:
-            if sum(hidden.shape[0] * hidden.shape[1] for _, hidden, _ in steps) <= INLINE_PASS_TOKENS:
-                results = self.sessions.step_many(steps)
-            else:
-                results = await self.compute(self.sessions.step_many, steps)
+            # every pass on the one compute thread, none inline on the event loop: each thread that runs torch ops
+            # gets an OpenMP team of its own, and two teams on two cores measured 51 ms a 30-block decode step
+            # against 29 ms for one (libgomp throttles its workers' spinning once they outnumber the cores)
+            results = await self.compute(self.sessions.step_many, steps)
         except Exception as error:  # a bug in a pass fails the steps in it, not the worker
             logger.exception("a batched pass failed")
             results = [error] * len(steps)

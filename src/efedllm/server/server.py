@@ -41,6 +41,11 @@ from efedllm.server.weights import check_compression, fetch_span_weights, span_f
 logger = logging.getLogger(__name__)
 
 
+def _set_compute_threads(threads: int) -> None:
+    """The compute thread's torch threads: a per-thread OpenMP setting, made before the event loop's is set to 1."""
+    torch.set_num_threads(threads)
+
+
 def measure_throughput(sessions, repeats: int = 8) -> float:
     """Decode tokens per second through the whole span (one token, batch 1)."""
     model = sessions.model
@@ -66,7 +71,10 @@ class Server:
         self.metrics = ServerMetrics() if config.metrics_port is not None else NoMetrics()
         self.metrics_port: int | None = None
         self._stopping: asyncio.Event | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute")
+        # the one thread that computes (loads, passes, throughput): one OpenMP team (see server/batching.py)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute",
+                                                               initializer=_set_compute_threads,
+                                                               initargs=(config.torch_threads or torch.get_num_threads(),))
 
     # lifecycle -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -88,8 +96,7 @@ class Server:
             self._stopping.set()
 
     async def start(self) -> None:
-        if self.config.torch_threads is not None:
-            torch.set_num_threads(self.config.torch_threads)
+        torch.set_num_threads(1)  # torch work on the event loop (codecs, checks) runs serially: no second OpenMP team
         if self.config.metrics_port is not None:
             self.metrics.watch(self)
             self.metrics_port = self.metrics.start_http(self.config.host, self.config.metrics_port)

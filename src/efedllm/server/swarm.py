@@ -74,11 +74,13 @@ def peer_id_of(server: ServerProcess, timeout: float = 10.0) -> str | None:
 
 
 def server_environment(environment) -> dict:
-    """The environment of a server started beside others on this machine. Idle OpenMP workers sleep
-    at once (``OMP_WAIT_POLICY=PASSIVE``, unless set): by default each spins after every parallel
-    region and takes a core from the server computing next; a 3-server chain measured 0.72 -> 0.83
-    of local tokens/s. A server alone on its machine keeps the default."""
-    return {"OMP_WAIT_POLICY": "PASSIVE", **environment, "HF_HUB_OFFLINE": "1"}
+    """The environment of a server started beside others on this machine (unless the caller's sets it):
+    idle OpenMP workers spin briefly (``GOMP_SPINCOUNT=10000``, tens of microseconds), then sleep. The gaps
+    between a step's operations are shorter, so workers stay awake through a step; between steps they sleep
+    and leave the cores to the server computing next. Measured on a 30-block decode step in one process:
+    29 ms with this or libgomp's default spinning, 52 ms with ``OMP_WAIT_POLICY=PASSIVE`` (every operation
+    then wakes its workers)."""
+    return {"GOMP_SPINCOUNT": "10000", **environment, "HF_HUB_OFFLINE": "1"}
 
 
 class LocalSwarm:
