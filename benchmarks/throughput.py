@@ -7,14 +7,17 @@ Measured, each with ``--tokens`` greedy tokens per prompt (EOS ignored, so every
 - ``local_pipeline``: efedllm's own in-process pipeline, one stream, best of 1 and 2 threads;
 - ``swarm_concurrent``: 1, 8 and 32 sessions generating at once through the swarm (threads of one
   client process, one session each): aggregate tokens/s and per-session inter-token latency p50/p99;
+- ``engine_concurrent``: 8 and 32 requests at once through the engine ``efedllm api`` runs (its own sessions
+  per request, all stepped together);
 - ``swarm_batch``: one client generating a batch of 32 prompts (``generate_batch``);
 - ``interactive``: one session's inter-token latency alone (p50) and while another client process generates
   batches of 31 prompts (p99);
 - ``one_server``: a 1-server swarm holding all 30 blocks alternated with the local pipeline (best of three each);
 - each server's peak RSS; the ratios the issue's acceptance reads.
 
-Servers compute with ``--server-threads`` torch threads (default 2: a merged pass is compute-bound) and
-hold up to 64 sessions of one peer. Usage: python benchmarks/throughput.py [--tokens N] [--server-threads N]
+The chain's servers compute with ``--server-threads`` torch threads (default: their share of the machine's
+cores, server/swarm.py ``threads_per_server``; 1 on 2 cores, where 2 each measured 13 tokens/s for 8 concurrent
+sessions against 30), the 1-server swarm with all the cores; servers hold up to 72 sessions of one peer. Usage: python benchmarks/throughput.py [--tokens N] [--server-threads N]
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as the efedllm CLI does (ser
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from efedllm.api.engine import GenerationEngine, Job  # noqa: E402
 from efedllm.client.local import LocalModelForCausalLM  # noqa: E402
 from efedllm.client.remote import DistributedModelForCausalLM  # noqa: E402
 from efedllm.client.sampling import GenerationConfig  # noqa: E402
 from efedllm.common.spans import parse_spans  # noqa: E402
 from efedllm.models.sources import resolve_model  # noqa: E402
-from efedllm.server.swarm import LocalSwarm  # noqa: E402
+from efedllm.server.swarm import LocalSwarm, machine_cores, threads_per_server  # noqa: E402
 
 MODEL = "smollm2-135m"
 TOPICS = ["a lighthouse keeper", "the moon", "a busy market", "an old clock", "rain in the city", "a mountain village",
@@ -136,6 +140,36 @@ def concurrent(model, count: int, config: GenerationConfig) -> dict:
             "completed": sum(r is not None for r in results)}
 
 
+def engine_concurrent(model, count: int, config: GenerationConfig) -> dict:
+    """``count`` requests at once through the continuous-batching engine that ``efedllm api`` runs
+    (api/engine.py): every row is a session of its own on each server, and all rows step together, so the
+    servers merge their steps into one pass and the LM head runs once for them."""
+    engine = GenerationEngine(model.parts, model.row_sessions(), set(), max_rows=count, max_pending=count).start()
+    times: list[list[float]] = [[] for _ in range(count)]
+    finished = threading.Semaphore(0)
+
+    def emit_for(index: int):
+        def emit(event) -> None:
+            if event.error is not None or event.finish_reason is not None:
+                finished.release()
+            else:
+                times[index].append(time.perf_counter())
+        return emit
+
+    started = time.perf_counter()
+    try:
+        for index, text in enumerate(prompts(count)):
+            engine.submit(Job([model.encode_prompt(text)], [config], emit_for(index)))
+        completed = sum(finished.acquire(timeout=900) for _ in range(count))
+        seconds = time.perf_counter() - started
+        tokens_total = engine.tokens_total
+    finally:
+        engine.shutdown()
+    latencies = [gap for row in times for gap in gaps(row)]
+    return {"requests": count, "tokens_per_s": round(tokens_total / seconds, 2), "completed": completed,
+            "inter_token_p50_s": round(percentile(latencies, 0.5), 4), "inter_token_p99_s": round(percentile(latencies, 0.99), 4)}
+
+
 def interactive(model, config: GenerationConfig, background: int, initial_peers: list[str]) -> dict:
     """One session's inter-token latency alone, then while another client (its own process: another user, not
     threads sharing this one's interpreter) generates batches of ``background`` prompts without pause."""
@@ -201,7 +235,7 @@ def one_server(local: LocalModelForCausalLM, config: GenerationConfig, local_thr
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt")
-    parser.add_argument("--server-threads", type=int, default=2)
+    parser.add_argument("--server-threads", type=int, default=threads_per_server(3, machine_cores()))
     parser.add_argument("--client-threads", type=int, default=2)
     parser.add_argument("--background-rows", type=int, default=None, help=argparse.SUPPRESS)  # the load's own process
     parser.add_argument("--initial-peers", action="append", default=[], help=argparse.SUPPRESS)
@@ -214,7 +248,7 @@ def main() -> None:
               "hf_generate": measure_hf([1, 8, 32], args.tokens, local.encode_prompt),
               "local_pipeline": measure_local(local, config)}
     best_threads = 1 if output["local_pipeline"]["threads_1"] >= output["local_pipeline"]["threads_2"] else 2
-    output["one_server"] = one_server(local, config, best_threads, args.server_threads)
+    output["one_server"] = one_server(local, config, best_threads, machine_cores())
     del local
     with LocalSwarm(MODEL) as swarm:
         swarm.start_bootstrap()
@@ -227,6 +261,7 @@ def main() -> None:
         try:
             model.generate(model.encode_prompt("Hello"), GenerationConfig(max_new_tokens=4, greedy=True))  # warm-up
             output["swarm_concurrent"] = {str(count): concurrent(model, count, config) for count in (1, 8, 32)}
+            output["engine_concurrent"] = {str(count): engine_concurrent(model, count, config) for count in (8, 32)}
             started = time.perf_counter()
             batch = model.generate_batch(prompts(32), config)
             output["swarm_batch"] = {"prompts": 32, "tokens_per_s": round(sum(r.new_tokens for r in batch)
@@ -239,6 +274,8 @@ def main() -> None:
     output["ratios"] = {
         "concurrent_8_over_hf_batch_8": round(swarm_runs["8"]["tokens_per_s"] / hf["batch_8"]["best"], 3),
         "concurrent_32_over_hf_batch_32": round(swarm_runs["32"]["tokens_per_s"] / hf["batch_32"]["best"], 3),
+        "engine_8_over_hf_batch_8": round(output["engine_concurrent"]["8"]["tokens_per_s"] / hf["batch_8"]["best"], 3),
+        "engine_32_over_hf_batch_32": round(output["engine_concurrent"]["32"]["tokens_per_s"] / hf["batch_32"]["best"], 3),
         "batch_32_over_hf_batch_32": round(output["swarm_batch"]["tokens_per_s"] / hf["batch_32"]["best"], 3),
         "single_stream_over_best_local": round(swarm_runs["1"]["tokens_per_s"] / max(local_best, hf["batch_1"]["best"]), 3),
         "one_server_over_local": output["one_server"]["swarm_over_local"],

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -21,12 +22,10 @@ class ApiMetrics:
                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.rejected_requests = Counter("efedllm_api_rejected_requests", "requests refused, by reason", ["reason"],
                                          registry=self.registry)
-        self.active_rows = Gauge("efedllm_api_active_rows", "choices generating now", registry=self.registry)
-        self.waiting_requests = Gauge("efedllm_api_waiting_requests", "requests waiting for room", registry=self.registry)
 
     def watch_engine(self, engine) -> None:
-        self.active_rows.set_function(lambda: engine.stats().active_rows)
-        self.waiting_requests.set_function(lambda: engine.stats().waiting_jobs)
+        """The engine's gauges, read from one ``engine.stats()`` per scrape."""
+        self.registry.register(_EngineGauges(engine))
 
     def observe_step(self, rows: int, seconds: float) -> None:
         self.step_seconds.observe(seconds)
@@ -41,3 +40,22 @@ class ApiMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineGauges:
+    """A collector: the engine's rows generating now and requests waiting, both from one snapshot."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def describe(self):  # names only: registering must not read the engine
+        return self._families(0, 0)
+
+    def collect(self):
+        stats = self.engine.stats()
+        return self._families(stats.active_rows, stats.waiting_jobs)
+
+    @staticmethod
+    def _families(active_rows: int, waiting_jobs: int) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily("efedllm_api_active_rows", "choices generating now", value=active_rows),
+                GaugeMetricFamily("efedllm_api_waiting_requests", "requests waiting for room", value=waiting_jobs)]

@@ -23,14 +23,19 @@ logger = logging.getLogger(__name__)
 PROBE_TIMEOUT = 10.0
 
 
+def block_hosts(num_blocks: int, servers: dict[str, ServerInfo], deactivated: set[str]) -> list[list[str]]:
+    """Per block the sorted peer ids of the servers that can serve it: online and not deactivated by a
+    verifier (what the monitor shows and what /health and /v1/models count as covered)."""
+    usable = [info for info in servers.values() if info.state is ServerState.ONLINE and info.peer_id not in deactivated]
+    return [sorted(info.peer_id for info in usable if info.span.start <= block < info.span.end) for block in range(num_blocks)]
+
+
 def swarm_snapshot(model: str, num_blocks: int, servers: dict[str, ServerInfo], rtt: dict[str, float],
                    step_seconds: dict[str, float], deactivated: set[str], banned: set[str], verdicts: list[TrustVerdict],
                    trusted_keys: set[str], balances: dict[str, float] | None, stats) -> dict:
     """What ``GET /api/swarm`` answers: every server with its span, state and measurements, the blocks each
     serves and the gaps, verdicts, balances and the tokens/s this API serves now."""
-    online = [info for info in servers.values() if info.state is ServerState.ONLINE and info.peer_id not in deactivated]
-    per_block = [sorted(info.peer_id for info in online if info.span.start <= block < info.span.end)
-                 for block in range(num_blocks)]
+    per_block = block_hosts(num_blocks, servers, deactivated)
     gaps = [block for block, peers in enumerate(per_block) if not peers]
     return {
         "model": model,

@@ -18,7 +18,7 @@ import torch
 from efedllm.api.config import ApiConfig
 from efedllm.api.engine import EngineFull, Event, GenerationEngine, Job
 from efedllm.api.metrics import ApiMetrics
-from efedllm.api.monitor import probe_servers_periodically, read_balances, swarm_snapshot
+from efedllm.api.monitor import block_hosts, probe_servers_periodically, read_balances, swarm_snapshot
 from efedllm.api.requests import ApiError, CompletionRequest
 from efedllm.client.remote import DistributedModelForCausalLM
 from efedllm.client.routing import MissingBlocksError
@@ -84,24 +84,19 @@ class ApiService:
         return rows, budgets
 
     def _encode_one(self, prompt, chat: bool) -> torch.Tensor:
-        tokenizer = self.model.parts.tokenizer
-        if chat:
-            messages = [{"role": role, "content": content} for role, content in prompt]
-            if getattr(tokenizer, "chat_template", None):
-                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            else:
-                text = "\n".join(f"{role}: {content}" for role, content in prompt) + "\nassistant:"
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        elif isinstance(prompt, str):
-            ids = tokenizer(prompt)["input_ids"]
-        else:
-            vocab = self.model.parts.lm_head_weight.shape[0]
-            if max(prompt) >= vocab:
-                raise ApiError(400, f"token id {max(prompt)} is outside the vocabulary of {vocab}", param="prompt")
-            ids = list(prompt)
-        if not ids:
-            raise ApiError(400, "the prompt encodes to no tokens", param="messages" if chat else "prompt")
-        return torch.tensor([ids], dtype=torch.long)
+        try:
+            if chat:
+                return self.model.encode_messages(list(prompt))
+            if isinstance(prompt, str):
+                return self.model.encode_prompt(prompt, chat=False)
+        except ValueError as error:  # the prompt encodes to no tokens
+            raise ApiError(400, str(error), param="messages" if chat else "prompt") from None
+        vocab = self.model.parts.lm_head_weight.shape[0]
+        if not prompt:
+            raise ApiError(400, "the prompt encodes to no tokens", param="prompt")
+        if max(prompt) >= vocab:
+            raise ApiError(400, f"token id {max(prompt)} is outside the vocabulary of {vocab}", param="prompt")
+        return torch.tensor([list(prompt)], dtype=torch.long)
 
     def check_coverage(self) -> None:
         """A 503 naming the blocks no usable server hosts (read from the DHT at most ``server_view_max_age`` ago)."""
@@ -135,11 +130,11 @@ class ApiService:
 
     # what the monitor and /v1/models show -------------------------------------------------------
     def coverage(self) -> tuple[int, int]:
-        """(blocks some online server hosts, all blocks), from the client's view."""
+        """(blocks some usable server hosts: online, not deactivated by a verifier; all blocks), from the client's view."""
         view = self.model.view
         view.refresh(self.config.client.server_view_max_age)
-        covered = {block for info in view.servers.values() if info.state.value == "online" for block in range(info.span.start, info.span.end)}
-        return len(covered), self.num_blocks
+        hosts = block_hosts(self.num_blocks, view.servers, view.deactivated_peers())
+        return sum(bool(peers) for peers in hosts), self.num_blocks
 
     def snapshot(self) -> dict:
         view = self.model.view

@@ -31,6 +31,7 @@ COMMANDS = {
     "swarm": ("efedllm.cli.swarm", "manage a local swarm (swarm up)"),
     "verify": ("efedllm.cli.verify", "probe a swarm's servers, publish trust verdicts, credit rewards"),
     "ledger": ("efedllm.cli.ledger", "show reward balances and crediting history"),
+    "finetune": ("efedllm.cli.finetune", "fine-tune LoRA adapters or soft prompts through a swarm (or --local)"),
     "eval-ppl": ("efedllm.cli.eval_ppl", "windowed perplexity of a model, optionally SVD-compressed"),
     "analyze": ("efedllm.cli.analyze", "reproduce and measure the paper's analyses (Theorem 4.1, Tables 2-3, Figs. 6-7, softmax check)"),
 }

@@ -19,7 +19,7 @@ from efedllm.client.remote import DistributedModelForCausalLM
 from efedllm.client.sampling import GenerationConfig
 from efedllm.dht.records import ServerInfo
 from efedllm.models.weights import model_blocks
-from efedllm.server.swarm import LocalSwarm, even_spans
+from efedllm.server.swarm import LocalSwarm, even_spans, machine_cores, threads_per_server
 
 
 def register(subparsers) -> None:
@@ -57,7 +57,8 @@ def _start_swarm(args: argparse.Namespace) -> LocalSwarm:
     try:
         swarm.start_bootstrap()
         for span in even_spans(total, args.servers):
-            swarm.start_server(str(span), extra=["--no-rebalance"])
+            threads = threads_per_server(args.servers, machine_cores())  # the servers share this machine's cores
+            swarm.start_server(str(span), extra=["--no-rebalance", "--torch-threads", str(threads)])
         print(f"starting {args.servers} servers (logs in {swarm.log_dir}) ...", file=sys.stderr, flush=True)
         swarm.wait_until_online(args.servers)
     except BaseException:

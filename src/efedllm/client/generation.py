@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 import torch
 
 from efedllm.client.batch_generation import BatchSession, generate_rows, prompt_rows
+from efedllm.client.coalesce import CoalescedCalls
 from efedllm.client.sampling import GenerationConfig, choose_next_token, sampling_generator
 from efedllm.client.token_stream import TokenStream
 
@@ -54,10 +55,17 @@ class GenerationResult:
         }
 
 
+def _ids_row(ids: list[int]) -> torch.Tensor:
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    return torch.tensor([ids], dtype=torch.long)  # [1, tokens]
+
+
 class CausalLMClient:
     """Base of the local and distributed models: subclasses provide ``parts`` and ``inference_session``."""
 
     parts = None
+    head: CoalescedCalls | None = None  # the LM head shared by concurrent generate() threads (client/coalesce.py)
 
     def inference_session(self, max_length: int) -> AbstractContextManager[InferenceSession]:
         raise NotImplementedError
@@ -67,16 +75,22 @@ class CausalLMClient:
         raise NotImplementedError
 
     def encode_prompt(self, prompt: str, chat: bool = True) -> torch.Tensor:
-        """Token ids [1, tokens]; instruct models get their chat template."""
+        """Token ids [1, tokens]; instruct models get their chat template (a lone user message)."""
         tokenizer = self.parts.tokenizer
         if chat and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self.encode_messages([("user", prompt)])
+        return _ids_row(tokenizer(prompt)["input_ids"])
+
+    def encode_messages(self, messages: list[tuple[str, str]]) -> torch.Tensor:
+        """Token ids [1, tokens] of a conversation, (role, content) each, ready for the assistant's answer: the
+        tokenizer's chat template, or "role: content" lines for a model without one."""
+        tokenizer = self.parts.tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in messages],
+                                                 add_generation_prompt=True, tokenize=False)
         else:
-            ids = tokenizer(prompt)["input_ids"]
-        if not ids:
-            raise ValueError("the prompt encodes to no tokens")
-        return torch.tensor([ids], dtype=torch.long)
+            text = "\n".join(f"{role}: {content}" for role, content in messages) + "\nassistant:"
+        return _ids_row(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def eos_token_ids(self) -> set[int]:
         ids = self.parts.config.eos_token_id
@@ -133,13 +147,17 @@ class CausalLMClient:
                 raise ValueError(f"prompt {index} must be a string or token ids [1, tokens]")
         return rows
 
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[rows, 1, hidden] -> [rows, 1, vocab], merged with other threads' calls when ``head`` is set."""
+        return self.parts.logits(hidden) if self.head is None else self.head(hidden)
+
     def _decode_loop(self, session, input_ids, config, on_text):
         eos = self.eos_token_ids() if config.stop_on_eos else set()
         generator = sampling_generator(config)
         stream, step_ids, first_token_at = TokenStream(self.parts.tokenizer, input_ids[0], config, eos, on_text), input_ids, 0.0
         for _ in range(config.max_new_tokens):
             hidden = session.step(self.parts.embed(step_ids))  # [1, tokens, hidden]
-            logits = self.parts.logits(hidden[:, -1:])[0, -1]  # [vocab]
+            logits = self._logits(hidden[:, -1:])[0, -1]  # [vocab]
             token = choose_next_token(logits, stream.history, config, generator, stream.new_ids)
             first_token_at = first_token_at or time.perf_counter()
             if stream.add(token):

@@ -7,7 +7,10 @@ from contextlib import contextmanager
 
 import torch
 
+from efedllm.client.coalesce import CoalescedCalls
 from efedllm.client.generation import CausalLMClient
+from efedllm.client.training import LocalSpanRunner, TrainableCausalLM, initial_tensors
+from efedllm.models.adapters import AdapterSpec, TrainableSpan
 from efedllm.common.spans import Span
 from efedllm.models.sessions import SpanSessions
 from efedllm.models.span import ClientParts, SpanModel, load_client_parts, load_span
@@ -65,6 +68,7 @@ class LocalModelForCausalLM(CausalLMClient):
     def __init__(self, parts: ClientParts, spans: list[SpanModel]) -> None:
         check_covering([span.span for span in spans], parts.config.num_hidden_layers)
         self.parts, self.spans = parts, spans
+        self.head = CoalescedCalls(parts.logits)
         self.span_sessions = [SpanSessions(span) for span in spans]
 
     @classmethod
@@ -80,6 +84,12 @@ class LocalModelForCausalLM(CausalLMClient):
             for span_model in span_models:
                 transform(span_model)
         return cls(parts, span_models)
+
+    def trainable(self, spec: AdapterSpec, tensors: dict[str, torch.Tensor] | None = None, seed: int = 0) -> TrainableCausalLM:
+        """A model to fine-tune in this process, span by span as through the swarm (:mod:`efedllm.client.training`)."""
+        runners = [LocalSpanRunner(TrainableSpan(span, spec)) for span in self.spans]
+        return TrainableCausalLM(self.parts, runners, spec, initial_tensors(self.parts, spec, tensors, seed),
+                                 torch.Generator().manual_seed(seed + 1), (tensors or {}).get("prompts"))
 
     @contextmanager
     def inference_session(self, max_length: int):

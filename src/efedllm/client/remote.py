@@ -25,15 +25,18 @@ from hivemind.dht.crypto import RSASignatureValidator
 from efedllm.client.audit import AuditRecord, SessionAudit
 from efedllm.client.batch_session import RemoteBatchSession, RemoteRowSessions
 from efedllm.client.config import RemoteClientConfig
+from efedllm.client.coalesce import CoalescedCalls
 from efedllm.client.generation import CausalLMClient
 from efedllm.client.routing import RouteHop
 from efedllm.client.session import RemoteInferenceSession
 from efedllm.client.spot_check import SpotChecker
 from efedllm.client.swarm_view import SwarmView
+from efedllm.client.training import RemoteSpanRunner, TrainableCausalLM, initial_tensors
 from efedllm.common.background import BackgroundLoop
 from efedllm.dht.evidence import publish_evidence
 from efedllm.dht.records import SpotCheckEvidence
 from efedllm.dht.identity import Identity, peer_id_of_owner, start_dht
+from efedllm.models.adapters import AdapterSpec
 from efedllm.models.span import ClientParts, load_client_parts
 from efedllm.protocol import codec
 from efedllm.protocol.audit import AuditVerdict, submit_audit
@@ -81,6 +84,7 @@ class DistributedModelForCausalLM(CausalLMClient):
         """Joins the swarm; unless ``wait_for_coverage`` is False (an API that must answer 503 while blocks are
         missing), waits up to ``discovery_timeout`` until its servers cover every block."""
         self.parts = load_client_parts(self.model_name, self.config.dtype)
+        self.head = CoalescedCalls(self.parts.logits)  # concurrent generate() threads: one LM-head matmul
         identity = Identity.generate()  # a client is a new peer every start: nothing ties its sessions together
         self.validator, self.client_key = identity.validator, identity.owner_key
         self.dht = start_dht(identity, initial_peers=self.initial_peers, client_mode=True)
@@ -151,6 +155,16 @@ class DistributedModelForCausalLM(CausalLMClient):
             await session.forward(self.parts.embed(token), 0, relay=True)
         finally:
             await session.close()
+
+    def trainable(self, spec: AdapterSpec, tensors: dict[str, torch.Tensor] | None = None, seed: int = 0,
+                  attempts: int = 3) -> TrainableCausalLM:
+        """A model to fine-tune through the swarm (:mod:`efedllm.client.training`): one runner per server of a
+        chain covering every block; ``tensors`` an adapter to go on from (default: fresh, seeded)."""
+        route = self.view.find_route(self.view.banned)
+        runners = [RemoteSpanRunner(self, hop.blocks, hop.peer_id, spec, attempts, self.config.request_timeout)
+                   for hop in route]
+        return TrainableCausalLM(self.parts, runners, spec, initial_tensors(self.parts, spec, tensors, seed),
+                                 torch.Generator().manual_seed(seed + 1), (tensors or {}).get("prompts"))
 
     def row_sessions(self) -> RemoteRowSessions:
         """Sessions for rows that join and leave between steps (:class:`~efedllm.client.batch_session.RemoteRowSessions`)."""

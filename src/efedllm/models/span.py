@@ -59,11 +59,14 @@ class SpanModel(nn.Module):
         position: int = 0,
         cache=None,
         blocks: Span | None = None,
+        layer_prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ``hidden_states`` [batch, tokens, hidden] through ``blocks`` (default: the whole span).
 
         ``position`` is the index of the first token (what the cache already holds). Without a
-        cache the sequence is processed causally on its own.
+        cache the sequence is processed causally on its own. ``layer_prompts`` [layers of blocks,
+        prompts, hidden] (deep prompt tuning, :mod:`efedllm.models.adapters`) are added to the first
+        ``prompts`` positions' hidden states before each layer.
         """
         blocks = blocks or self.span
         first, last = blocks.start - self.span.start, blocks.end - self.span.start
@@ -71,7 +74,7 @@ class SpanModel(nn.Module):
         position_ids = torch.arange(position, position + tokens, device=hidden_states.device).unsqueeze(0)
         kinds = self._kinds(first, last)
         masks = {kind: self._mask(kind, hidden_states, cache, position_ids, index) for kind, index in kinds.items()}
-        return self._run_layers(hidden_states, position_ids, masks, cache, first, last)
+        return self._run_layers(hidden_states, position_ids, masks, cache, first, last, layer_prompts)
 
     def forward_ragged(self, hidden_states: torch.Tensor, parts: list[RaggedPart], blocks: Span | None = None) -> torch.Tensor:
         """Several sessions' steps at once (:mod:`efedllm.models.batching`): ``hidden_states`` [rows, tokens,
@@ -89,12 +92,16 @@ class SpanModel(nn.Module):
         """Attention kind -> the first local layer of that kind among layers ``first..last-1``."""
         return {kind: self.layer_types.index(kind, first, last) for kind in dict.fromkeys(self.layer_types[first:last])}
 
-    def _run_layers(self, hidden_states, position_ids, masks: dict, cache, first: int, last: int) -> torch.Tensor:
+    def _run_layers(self, hidden_states, position_ids, masks: dict, cache, first: int, last: int,
+                    layer_prompts: torch.Tensor | None = None) -> torch.Tensor:
         # (cos, sin) [1 or rows, tokens, head_dim] per attention kind (Gemma 3's two rotary bases)
         embeddings = {kind: self.family.position_embeddings(self.rotary_emb, hidden_states, position_ids, kind)
                       for kind in masks}
         for index in range(first, last):
             kind = self.layer_types[index]
+            if layer_prompts is not None:  # out of place: autograd needs the layer's input as it was
+                prompts = layer_prompts[index - first]  # [prompts, hidden]
+                hidden_states = torch.cat([hidden_states[:, :prompts.shape[0]] + prompts, hidden_states[:, prompts.shape[0]:]], dim=1)
             hidden_states = self.layers[index](
                 hidden_states,
                 attention_mask=masks[kind],

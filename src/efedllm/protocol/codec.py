@@ -83,6 +83,35 @@ def decode_hidden(tensors, wire_format: str, dtype: torch.dtype) -> torch.Tensor
     return decoded[0].to(dtype)
 
 
+def encode_tensors(tensors: list[torch.Tensor]) -> list:
+    """float32 tensors of any shapes (training requests and answers) -> serialised tensors."""
+    return [serialize_torch_tensor(tensor.detach().to(torch.float32).contiguous()) for tensor in tensors]
+
+
+def decode_tensors(tensors, count: int) -> list[torch.Tensor]:
+    """Exactly ``count`` serialised float32 tensors -> tensors; RecordError naming what is malformed."""
+    tensors = list(tensors)
+    if len(tensors) != count:
+        raise RecordError(f"expected {count} tensors, got {len(tensors)}")
+    if sum(_elements(tensor) for tensor in tensors) > MAX_TENSOR_ELEMENTS:
+        raise RecordError(f"tensors of more than {MAX_TENSOR_ELEMENTS} elements in all")
+    try:
+        decoded = [deserialize_torch_tensor(tensor) for tensor in tensors]
+    except Exception as error:  # a malformed buffer can fail in numpy or torch in many ways
+        raise RecordError(f"cannot decode tensors: {error}") from None
+    for index, tensor in enumerate(decoded):
+        if tensor.dtype != torch.float32:
+            raise RecordError(f"tensor {index} arrived as {tensor.dtype}, not float32")
+    return decoded
+
+
+def _elements(tensor) -> int:
+    elements = 1
+    for size in tensor.size:
+        elements *= size
+    return elements
+
+
 def pack_metadata(data) -> bytes:
     return msgpack.packb(data, use_bin_type=True)
 

@@ -10,6 +10,8 @@ Who sends what (:mod:`efedllm.protocol.service` has the handlers):
   :class:`CloseSessionRequest`; the server answers each call with a :class:`Reply`.
 - server -> next server: the :class:`StepRequest` for the next :class:`Hop`.
 - last server -> requester: a :class:`DeliveredStep` (:mod:`efedllm.protocol.delivery`).
+- client -> server: :class:`TrainRequest` (a training forward or backward of a span, no session); the
+  server answers a :class:`Reply` with the outputs, or the input and tensor gradients, beside it.
 - joining server -> server: :class:`WeightsRequest`; the answer is a :class:`Reply`, a
   :class:`WeightsHeader`, then the payload (:mod:`efedllm.server.weights`).
 """
@@ -20,12 +22,13 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from efedllm.common.receipts import ReceiptCertificate, StepReceipt
-from efedllm.common.records import Count, Identifier, Items, PeerId, Positive, Text, WireRecord, require
+from efedllm.common.records import Count, Identifier, Items, Number, PeerId, Positive, Text, WireRecord, require
 from efedllm.common.spans import Span
 
 WIRE_VERSION = 5  # 5: step receipts (common.receipts); 4: sessions are owned (upstream, batch at open), chains visit a peer once; 3: typed replies
 MAX_ROUTE_HOPS = 64
 MAX_ERROR_LENGTH = 4096
+MAX_TRAIN_TENSORS = 1024  # trainable tensors of one training request (LoRA: 2 per projection per block)
 WireFormat = Annotated[str, Text(16)]
 ErrorText = Annotated[str, Text(MAX_ERROR_LENGTH)]
 
@@ -178,3 +181,36 @@ class WeightsHeader(WireRecord, kind="weights header", version=WIRE_VERSION):
     payload_bytes: Positive
     dense_bytes: Positive
     compression: dict | None
+
+
+TensorName = Annotated[str, Text(128, identifier=True)]
+
+
+@dataclass(frozen=True)
+class TrainRequest(WireRecord, kind="train request", version=WIRE_VERSION):
+    """A training step of ``span`` (inside the server's span) for whole sequences, holding no state: the
+    forward (outputs), or with ``backward`` the gradients for the inputs and for each of ``names``'s
+    tensors given the output gradients (the server recomputes the forward first).
+
+    Tensors beside it, float32: the hidden states [batch, tokens, hidden], the output gradients (backward
+    only), then the client's trainable tensors in ``names``'s order (:mod:`efedllm.models.adapters`:
+    ``method`` lora with ``rank``, ``alpha`` and ``targets``, deep-ptune with ``prompts``, or ptune: none, the
+    prompts are the client's own inputs)."""
+
+    span: Span
+    method: Annotated[str, Text(16)]
+    names: Annotated[tuple[TensorName, ...], Items(maximum=MAX_TRAIN_TENSORS, noun="tensor names")] = ()
+    backward: bool = False
+    rank: Count = 0
+    alpha: Annotated[float, Number(minimum=0.0, maximum=1e6)] = 0.0
+    targets: Annotated[tuple[Annotated[str, Text(64, identifier=True)], ...], Items(maximum=16, noun="targets")] = ()
+    prompts: Count = 0
+
+    def check(self) -> None:
+        require(len(set(self.names)) == len(self.names), "train request.names names a tensor twice")
+        require(self.method in ("lora", "ptune", "deep-ptune"),
+                f"train request.method must be lora, ptune or deep-ptune, got {self.method!r}")
+
+    @property
+    def tensor_count(self) -> int:
+        return 1 + int(self.backward) + len(self.names)

@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Callable  # hivemind recognises streaming handlers by typing's alias only
 
+import torch
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from efedllm.common.errors import EfedllmError, RecordError
 from efedllm.protocol import codec
 from efedllm.protocol.channel import ChannelPool, serve_requests, stop_serving
-from efedllm.protocol.messages import CloseSessionRequest, OpenSessionRequest, Reply, StepRequest
+from efedllm.protocol.messages import CloseSessionRequest, OpenSessionRequest, Reply, StepRequest, TrainRequest
 
 STEP_STREAM = "SpanService.rpc_step.stream"
 STEP_PUSH = "SpanService.rpc_step.push"
@@ -53,6 +54,10 @@ class SpanService(ServicerBase):
 
     async def rpc_step(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """A :class:`StepRequest` and its hidden states; answers a :class:`Reply` and the output hidden states."""
+        raise NotImplementedError
+
+    async def rpc_train(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A :class:`TrainRequest` and its tensors; answers a :class:`Reply` and the outputs or gradients."""
         raise NotImplementedError
 
     async def rpc_span_weights(self, request: runtime_pb2.ExpertRequest,
@@ -112,6 +117,15 @@ class RemoteSpanStub:
         """The step's :class:`Reply` (with its receipts, when asked for) and its output tensors."""
         reply, answer = await self._call("rpc_step", codec.request(step, tensors), timeout)
         return reply, list(answer.tensors)
+
+    async def train(self, request: TrainRequest, tensors: list[torch.Tensor], timeout: float = 120.0) -> list[torch.Tensor]:
+        """A training forward (the outputs) or backward (input gradients, then the tensors' gradients)."""
+        _, answer = await self._call("rpc_train", codec.request(request, codec.encode_tensors(tensors)), timeout)
+        expected = len(request.names) + 1 if request.backward else 1
+        try:
+            return codec.decode_tensors(answer.tensors, expected)
+        except RecordError as error:
+            raise HopFailure(self.peer_id, f"bad answer from {self.peer_id} to rpc_train: {error}") from None
 
     async def push_step(self, step: StepRequest, tensors, on_lost: Callable[[str], None], timeout: float) -> None:
         """Sends a delivered step without waiting for any answer; ``on_lost(reason)`` if the stream breaks first."""

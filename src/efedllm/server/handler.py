@@ -70,6 +70,7 @@ from efedllm.server.metrics import NoMetrics, rejection_reason
 from efedllm.server.batching import BatchLimits, StepBatcher
 from efedllm.server.faults import FaultMode, StepContext
 from efedllm.server.memory import release_freed_memory
+from efedllm.server.training import TrainingServicer
 from efedllm.server.weights import pack_span_weights, weights_messages
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class SpanServicer:
         self.sessions, self.p2p, self.compute, self.policy, self.fault = sessions, p2p, compute, policy, fault
         self.metrics = metrics  # steps computed and requests refused (server/metrics.py)
         self.batcher = StepBatcher(sessions, compute, batch_limits)  # steps of all sessions, merged into passes
+        self.training = TrainingServicer(sessions, compute)  # training forwards and backwards (server/training.py)
         self.signer, self.certificate = signer, certificate
         self.peer_id = p2p.peer_id.to_base58()
         self.leases: dict[str, SessionLease] = {}  # session id -> its owner, upstream and reserved bytes
@@ -170,6 +172,9 @@ class SpanServicer:
             state.pop(session_id, None)
         if lease is not None and lease.reserved_bytes >= LARGE_CACHE_BYTES:
             _trim_heap_soon()
+
+    async def rpc_train(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self.training.handle(request)
 
     async def rpc_close_session(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:

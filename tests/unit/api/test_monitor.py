@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from efedllm.api.engine import EngineStats
-from efedllm.api.monitor import swarm_snapshot
+from efedllm.api.metrics import ApiMetrics
+from efedllm.api.monitor import block_hosts, swarm_snapshot
 from efedllm.common.spans import Span
 from efedllm.dht.records import ServerInfo, ServerState, TrustVerdict
 
@@ -33,3 +34,27 @@ def test_gaps_deactivated_servers_and_measurements():
 def test_no_ledger_and_no_servers():
     snapshot = swarm_snapshot("m", 3, {}, {}, {}, set(), set(), [], set(), None, STATS)
     assert snapshot["gaps"] == [0, 1, 2] and snapshot["servers"] == [] and snapshot["ledger"] is False
+
+
+def test_block_hosts_count_only_online_servers_not_deactivated():
+    servers = {info.peer_id: info for info in (server("a", 0, 2), server("b", 2, 4, ServerState.JOINING), server("d", 0, 4))}
+    assert block_hosts(4, servers, {"d"}) == [["a"], ["a"], [], []]
+    assert block_hosts(4, servers, set()) == [["a", "d"], ["a", "d"], ["d"], ["d"]]
+
+
+class CountingEngine:
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def stats(self) -> EngineStats:
+        self.reads += 1
+        return STATS
+
+
+def test_engine_gauges_read_one_snapshot_per_scrape():
+    metrics, engine = ApiMetrics(), CountingEngine()
+    metrics.watch_engine(engine)
+    assert engine.reads == 0  # registering reads nothing
+    text = metrics.exposition().decode()
+    assert "efedllm_api_active_rows 2.0" in text and "efedllm_api_waiting_requests 1.0" in text
+    assert engine.reads == 1

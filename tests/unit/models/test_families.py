@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import LoraConfig, inject_adapter_in_model
 from transformers import AutoModelForCausalLM
 
 from efedllm.client.local import LocalModelForCausalLM
@@ -16,7 +17,9 @@ from efedllm.client.sampling import GenerationConfig
 from efedllm.common.spans import parse_spans
 from efedllm.compression.apply import CompressionConfig
 from efedllm.compression.calibration import compress_span
+from efedllm.models.adapters import AdapterSpec
 from efedllm.models.families import FAMILIES, family_for
+from efedllm.models.span import load_span
 from efedllm.models.synthetic import TINY_VOCAB, tiny_config, write_checkpoint, write_gguf
 
 SPLITS = {"1 span": None, "3 spans": parse_spans("0:3,3:6,6:8")}
@@ -91,3 +94,42 @@ def test_whitened_svd_compression_with_calibration_runs_on_every_family(checkpoi
     # logits must still follow the dense model's
     similarity = torch.nn.functional.cosine_similarity(logits["compressed"].flatten(), logits["dense"].flatten(), dim=0)
     assert torch.isfinite(logits["compressed"]).all() and 0.3 < similarity < 1 - 1e-6, similarity
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_every_family_fine_tunes_through_spans_as_transformers_with_peft(checkpoints, model_type):
+    """LoRA through 3 spans: the loss and every adapter gradient of transformers with peft's LoRA holding the
+    same tensors; deep prompt tuning through 3 spans: those of 1 span."""
+    path = checkpoints[model_type]["hf"]
+    input_ids = torch.randint(0, TINY_VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    split = LocalModelForCausalLM.load(str(path), SPLITS["3 spans"])
+    spec = AdapterSpec("lora", rank=2, alpha=4.0)
+    model = split.trainable(spec, seed=0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():  # B = 0 would leave A's gradients zero
+            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+    loss = model(input_ids, labels=input_ids).loss
+    loss.backward()
+    reference = _reference(path)
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4.0, target_modules=list(spec.targets), lora_dropout=0.0), reference)
+    reference.requires_grad_(False)
+    parameters = dict(reference.named_parameters())
+    for name, tensor in model.adapter_tensors().items():
+        _, block, rest = name.split(".", 2)
+        parameters[f"model.layers.{block}.{rest}.default.weight"].data.copy_(tensor)
+        parameters[f"model.layers.{block}.{rest}.default.weight"].requires_grad_(True)
+    expected = reference(input_ids=input_ids, labels=input_ids).loss
+    expected.backward()
+    assert abs(loss.item() - expected.item()) <= 1e-4 * abs(expected.item()), model_type
+    for name, parameter in model.named_parameters():
+        _, block, rest = name.removeprefix("adapters.").replace("__", ".").split(".", 2)
+        grad = parameters[f"model.layers.{block}.{rest}.default.weight"].grad
+        assert float((parameter.grad - grad).norm() / grad.norm()) <= 1e-4, (model_type, name)
+
+    deep = AdapterSpec("deep-ptune", prompts=2)
+    whole = LocalModelForCausalLM(split.parts, [load_span(str(path), 0, 8)]).trainable(deep, seed=0)
+    results = []
+    for trainable in (split.trainable(deep, seed=0), whole):
+        trainable(input_ids, labels=input_ids).loss.backward()
+        results.append({name: parameter.grad for name, parameter in trainable.named_parameters()})
+    assert all(float((results[0][name] - grad).norm() / grad.norm()) <= 1e-4 for name, grad in results[1].items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import pytest
@@ -88,3 +89,21 @@ def test_decode_steps_match_one_prefill(pipelines, client_parts):
         pieces += [session.step(client_parts.embed(input_ids[:, i:i + 1])) for i in range(2, input_ids.shape[1])]
     error = (torch.cat(pieces, dim=1) - whole).abs().max() / whole.abs().max()
     assert error < 1e-5, error
+
+
+def test_concurrent_generations_share_the_lm_head_and_match_transformers(pipelines, expected_tokens):
+    """Threads generating at once (their LM-head calls merged, client/coalesce.py) get transformers' tokens."""
+    model, results = pipelines["3 spans"], {}
+    config = GenerationConfig(max_new_tokens=32, greedy=True, stop_on_eos=False)
+
+    def run(prompt: str) -> None:
+        results[prompt] = model.generate(expected_tokens[prompt][0], config).token_ids
+
+    calls_before = model.head.calls
+    threads = [threading.Thread(target=run, args=(prompt,)) for prompt, _ in PROMPTS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert {prompt: results.get(prompt) for prompt, _ in PROMPTS} == {prompt: tokens for prompt, (_, tokens) in expected_tokens.items()}
+    assert model.head.calls - calls_before == 3 * 32  # every token's logits went through the shared head

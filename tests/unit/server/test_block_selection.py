@@ -5,7 +5,7 @@ import pytest
 from efedllm.common.spans import Span
 from efedllm.dht.records import ServerInfo, ServerState
 from efedllm.server.block_selection import block_coverage, choose_move, choose_window
-from efedllm.server.swarm import even_spans
+from efedllm.server.swarm import even_spans, threads_per_server
 
 
 def server(peer, start, end, state=ServerState.ONLINE):
@@ -37,3 +37,9 @@ def test_move_only_when_it_uncovers_nothing_and_gains():
 def test_even_spans():
     assert [str(span) for span in even_spans(30, 3)] == ["0:10", "10:20", "20:30"]
     assert sum(span.length for span in even_spans(30, 4)) == 30
+
+
+def test_threads_per_server_share_the_cores():
+    assert threads_per_server(1, 2) == 2 and threads_per_server(3, 2) == 1 and threads_per_server(2, 16) == 8
+    with pytest.raises(ValueError, match="servers >= 1"):
+        threads_per_server(0, 2)
