@@ -97,7 +97,8 @@ def finetune(host, spec: AdapterSpec, args: argparse.Namespace) -> dict:
             "trainable_parameters": sum(parameter.numel() for parameter in model.parameters()),
             "first_loss": round(log.losses[0], 4), "last_loss": round(log.losses[-1], 4),
             "tokens_per_s": round(log.tokens_per_s, 2), "eval_perplexity_before": before and round(before, 3),
-            "eval_perplexity_after": after and round(after, 3), "evals": log.evals, "adapter": str(args.save),
+            "eval_perplexity_after": after and round(after, 3),
+            "evals": [[step, round(value, 3)] for step, value in log.evals], "adapter": str(args.save),
             "loss_curve": str(plot), "through": "local" if args.local else "swarm"}
 
 
@@ -107,10 +108,13 @@ def plot_losses(path: Path, losses: list[float], evals: list[tuple[int, float]])
     axis.plot(range(1, len(losses) + 1), losses, label="training loss")
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
+    lines = axis.get_lines()
     if evals:
         twin = axis.twinx()
-        twin.plot([step for step, _ in evals], [value for _, value in evals], "o-", color="tab:orange", label="held-out ppl")
+        twin.plot([step for step, _ in evals], [value for _, value in evals], "o-", color="tab:orange",
+                  label="held-out perplexity")
         twin.set_ylabel("held-out perplexity")
-    axis.legend(loc="upper right")
+        lines = [*lines, *twin.get_lines()]
+    axis.legend(lines, [line.get_label() for line in lines], loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
