@@ -170,7 +170,12 @@ def test_disconnect_cancels_generation_and_closes_server_sessions(api, swarm):
         return sum(metric(httpx.get(f"http://127.0.0.1:{port}/metrics").text, "efedllm_server_open_sessions")
                    for port in ports)
 
-    baseline = open_sessions()
+    baseline, settle = open_sessions(), time.monotonic() + 10
+    while time.monotonic() < settle:  # earlier tests' sessions may still be closing in the background
+        time.sleep(0.5)
+        baseline, previous = open_sessions(), baseline
+        if baseline == previous and not api.service.engine.stats().active_rows:
+            break
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400,
             "stream": True}
     with httpx.stream("POST", api.url + "/v1/chat/completions", json=body, timeout=60) as response:

@@ -9,6 +9,7 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from efedllm.client.remote import DistributedModelForCausalLM
+from efedllm.client.sampling import GenerationConfig
 from efedllm.common.spans import Span
 from efedllm.models.adapters import AdapterSpec, adapter_shapes
 from efedllm.protocol import codec
@@ -141,3 +142,19 @@ def test_malformed_training_requests_are_refused_by_name(swarm_model):
     outputs = swarm_model.run(swarm_model.stub(peer).train(TrainRequest(span, "ptune", (), prompts=1),
                                                            [torch.randn(1, 4, 576)]))
     assert outputs[0].shape == (1, 4, 576)  # and it keeps serving
+
+
+def test_generation_with_an_adapter_through_the_swarm_equals_local(swarm_model, local_pipeline, client_parts):
+    config = GenerationConfig(max_new_tokens=5, greedy=True, stop_on_eos=False)
+    ids = client_parts.tokenizer("The lighthouse keeper", return_tensors="pt")["input_ids"]
+    results = {}
+    for name, host in (("swarm", swarm_model), ("local", local_pipeline)):
+        adapted = perturbed(host.trainable(SPECS["lora"], seed=3))
+        results[name] = host.generate_adapted(adapted, ids, config)
+        with torch.no_grad():
+            results[name + " logits"] = adapted(ids).logits
+    assert results["swarm"].token_ids == results["local"].token_ids and results["swarm"].new_tokens == 5
+    assert torch.allclose(results["swarm logits"], results["local logits"], atol=1e-4)
+    with torch.no_grad():
+        base = local_pipeline.trainable(SPECS["lora"], seed=3)(ids).logits  # B = 0: the base model's logits
+    assert (results["local logits"] - base).abs().max() > 1e-2  # the adapter is applied, not ignored

@@ -9,8 +9,10 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from efedllm.cli import arguments
 from efedllm.cli.arguments import add_initial_peers, add_model
-from efedllm.cli.parser import positive_float, positive_int
+from efedllm.cli.parser import fraction, positive_float, positive_int
+from efedllm.client.config import RemoteClientConfig
 from efedllm.client.finetune import perplexity, read_texts, save_adapter, token_chunks, train_loop
 from efedllm.client.local import LocalModelForCausalLM
 from efedllm.client.remote import DistributedModelForCausalLM
@@ -38,6 +40,10 @@ def register(subparsers) -> None:
     parser.add_argument("--eval-chunks", type=positive_int, default=16, help="held-out sequences measured (default 16)")
     parser.add_argument("--save", type=Path, required=True, help="the adapter file to write (.safetensors)")
     parser.add_argument("--plot", type=Path, help="the loss curve PNG (default: beside --save)")
+    arguments.add_trusted_verifiers(parser, "prove lies in training answers and route around the liars")
+    parser.add_argument("--train-audit-fraction", type=fraction, default=RemoteClientConfig().train_audit_fraction,
+                        metavar="P", help="with --trusted-verifiers: every training answer carries a signed receipt "
+                                          "and this share is recomputed by a verifier before it is used")
     parser.set_defaults(func=run_finetune)
 
 
@@ -63,8 +69,10 @@ def _check(args: argparse.Namespace) -> None:
 def run_finetune(args: argparse.Namespace) -> int:
     _check(args)
     spec = adapter_spec(args)
+    config = RemoteClientConfig(trusted_verifier_keys=tuple(args.trusted_verifiers), verifier_quorum=args.verifier_quorum,
+                                train_audit_fraction=args.train_audit_fraction)
     host = LocalModelForCausalLM.load(args.model) if args.local else \
-        DistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers)
+        DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers, config)
     try:
         record = finetune(host, spec, args)
     finally:
@@ -99,7 +107,17 @@ def finetune(host, spec: AdapterSpec, args: argparse.Namespace) -> dict:
             "tokens_per_s": round(log.tokens_per_s, 2), "eval_perplexity_before": before and round(before, 3),
             "eval_perplexity_after": after and round(after, 3),
             "evals": [[step, round(value, 3)] for step, value in log.evals], "adapter": str(args.save),
-            "loss_curve": str(plot), "through": "local" if args.local else "swarm"}
+            "loss_curve": str(plot), "through": "local" if args.local else "swarm", **_audits(model)}
+
+
+def _audits(model) -> dict:
+    """What the training audits saw (through a swarm with trusted verifiers)."""
+    auditors = {id(runner.auditor): runner.auditor for runner in model.runners if getattr(runner, "auditor", None)}
+    if not auditors:
+        return {}
+    auditor = next(iter(auditors.values()))
+    return {"training_answers_audited": auditor.audited, "proven_lies": auditor.lies, "audits_unanswered": auditor.unanswered,
+            "replays": sum(runner.replays for runner in model.runners)}
 
 
 def plot_losses(path: Path, losses: list[float], evals: list[tuple[int, float]]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from efedllm.cli import arguments
 from efedllm.cli.parser import fraction, positive_int
 from efedllm.client.config import RemoteClientConfig
+from efedllm.client.finetune import load_adapter
 from efedllm.client.local import LocalModelForCausalLM, check_covering
 from efedllm.client.remote import DistributedModelForCausalLM
 from efedllm.client.sampling import GenerationConfig
@@ -55,6 +56,9 @@ def register(subparsers) -> None:
     parser.add_argument("--answer-along-chain", action="store_true",
                         help="chained steps answer back hop by hop instead of the last hop delivering to the client")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--adapter", type=Path, default=None, metavar="FILE",
+                        help="generate with a fine-tuned adapter (efedllm finetune --save); through a swarm the servers "
+                             "apply it to each request only (no KV cache: every token resends the sequence)")
     arguments.add_trusted_verifiers(parser, "route around servers")
     parser.add_argument("--audit-fraction", type=fraction, default=RemoteClientConfig().audit_fraction, metavar="P",
                         help="with --trusted-verifiers: steps carry signed receipts and this share of sessions is "
@@ -137,19 +141,44 @@ def run_generate_batch(model, prompts: list[str], config: GenerationConfig, args
         print(json.dumps({"index": index, "prompt": prompt, **result.to_json()}), flush=True)
 
 
+def read_adapter(path: Path | None, model_name: str):
+    """(spec, tensors) of ``--adapter``, or None; ValueError when the file is missing, foreign or of another model."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ValueError(f"--adapter {path}: no such file")
+    spec, tensors, trained_on = load_adapter(path)
+    if trained_on != model_name:
+        raise ValueError(f"--adapter {path} was trained on {trained_on}, not {model_name}")
+    return spec, tensors
+
+
+def run_generate_adapted(model, adapted, prompts: list[str], config: GenerationConfig, args: argparse.Namespace) -> None:
+    for index, prompt in enumerate(prompts):
+        result = model.generate_adapted(adapted, model.encode_prompt(prompt, chat=not args.no_chat), config)
+        print(json.dumps({"index": index, "prompt": prompt, **result.to_json()}), flush=True)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     config = generation_config(args)
     prompts = _check_prompt_arguments(args)
+    adapter = read_adapter(args.adapter, args.model)
     model = _load_model(args)
+    adapted = model.trainable(*adapter) if adapter is not None else None
     if prompts is not None:
         try:
-            run_generate_batch(model, prompts, config, args)
+            if adapted is not None:
+                run_generate_adapted(model, adapted, prompts, config, args)
+            else:
+                run_generate_batch(model, prompts, config, args)
         finally:
             getattr(model, "shutdown", lambda: None)()
         return 0
     try:
         input_ids = model.encode_prompt(args.prompt, chat=not args.no_chat)
-        result = model.generate(input_ids, config, on_text=None if args.json else _print_stream)
+        on_text = None if args.json else _print_stream
+        result = model.generate(input_ids, config, on_text=on_text) if adapted is None else \
+            model.generate_adapted(adapted, input_ids, config, on_text=on_text)
     finally:
         getattr(model, "shutdown", lambda: None)()
     if args.json:

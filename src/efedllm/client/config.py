@@ -28,7 +28,9 @@ class RemoteClientConfig:
 
     ``audit_fraction``: with trusted verifiers, every step carries signed receipts and this share of
     sessions, drawn privately (``audit_seed``), is sent whole to a trusted verifier when it ends
-    (:mod:`efedllm.client.audit`); 0 turns receipts and audits off.
+    (:mod:`efedllm.client.audit`); 0 turns receipts and audits off. ``train_audit_fraction``: with trusted
+    verifiers, every training request asks for a signed receipt and this share of them, drawn privately after
+    the answer came, is recomputed by a verifier before the client uses it (:mod:`efedllm.client.training_audit`).
     """
 
     relay: bool = False
@@ -48,6 +50,7 @@ class RemoteClientConfig:
     refresh_view_in_background: bool = True
     audit_fraction: float = 0.5
     audit_seed: int | None = None
+    train_audit_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         if self.wire_format is not None:
@@ -57,8 +60,9 @@ class RemoteClientConfig:
                                                                                   self.verifier_quorum))
         if not 0.0 <= self.verify_fraction <= 1.0:
             raise ValueError(f"verify_fraction must be in [0, 1], got {self.verify_fraction}")
-        if not 0.0 <= self.audit_fraction <= 1.0:
-            raise ValueError(f"audit_fraction must be in [0, 1], got {self.audit_fraction}")
+        for name in ("audit_fraction", "train_audit_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.max_retries < 0 or self.request_timeout <= 0 or self.retry_delay < 0 or self.server_view_max_age < 0:
             raise ValueError("max_retries must be >= 0, request_timeout > 0, retry_delay and server_view_max_age >= 0")
         if self.discovery_timeout <= 0:
@@ -68,6 +72,11 @@ class RemoteClientConfig:
     def wants_receipts(self) -> bool:
         """Steps ask for receipts when sessions may be audited: some audit share and a verifier to send them to."""
         return self.audit_fraction > 0 and bool(self.trusted_verifier_keys)
+
+    @property
+    def audits_training(self) -> bool:
+        """Training requests ask for receipts when some of them may be audited by a trusted verifier."""
+        return self.train_audit_fraction > 0 and bool(self.trusted_verifier_keys)
 
     @property
     def resolved_wire_format(self) -> str:

@@ -28,6 +28,21 @@ class InferenceSession(Protocol):
     def step(self, hidden_states: torch.Tensor) -> torch.Tensor: ...
 
 
+class AdaptedSession:
+    """A generation session through a :class:`~efedllm.client.training.TrainableCausalLM`: ``step(embeddings [1, t, hidden])`` -> the
+    last block's outputs for those t positions. It keeps no cache anywhere: every step sends the whole
+    sequence so far (servers hold nothing of a client's adapter between requests), so a token costs a pass
+    over all the tokens before it."""
+
+    def __init__(self, model) -> None:
+        self.model, self.embeddings = model, None
+
+    def step(self, embeddings: torch.Tensor) -> torch.Tensor:
+        self.embeddings = embeddings if self.embeddings is None else torch.cat([self.embeddings, embeddings], dim=1)
+        with torch.no_grad():
+            return self.model.hidden_states(self.embeddings)[:, -embeddings.shape[1]:]
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -114,6 +129,18 @@ class CausalLMClient:
         seconds = time.perf_counter() - started
         return GenerationResult(text, stream.new_ids, len(stream.new_ids), seconds, first_token_at - started, input_ids.shape[1],
                                 token_times=stream.times)
+
+    def generate_adapted(self, model, input_ids: torch.Tensor, config: GenerationConfig = GenerationConfig(),
+                         on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """``generate`` with a fine-tuned adapter: ``model`` is this client's ``trainable(spec, tensors)``
+        (:class:`~efedllm.client.training.TrainableCausalLM`); servers apply its tensors to each request only."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids must be [1, tokens], got shape {tuple(input_ids.shape)}")
+        started = time.perf_counter()
+        stream, first_token_at, text = self._decode_loop(AdaptedSession(model), input_ids, config, on_text)
+        return GenerationResult(text, stream.new_ids, len(stream.new_ids), time.perf_counter() - started,
+                                first_token_at - started, input_ids.shape[1], {"adapter": model.spec.method},
+                                stream.times)
 
     def generate_batch(
         self,

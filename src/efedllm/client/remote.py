@@ -32,6 +32,7 @@ from efedllm.client.session import RemoteInferenceSession
 from efedllm.client.spot_check import SpotChecker
 from efedllm.client.swarm_view import SwarmView
 from efedllm.client.training import RemoteSpanRunner, TrainableCausalLM, initial_tensors
+from efedllm.client.training_audit import TrainingAuditor
 from efedllm.common.background import BackgroundLoop
 from efedllm.dht.evidence import publish_evidence
 from efedllm.dht.records import SpotCheckEvidence
@@ -39,7 +40,7 @@ from efedllm.dht.identity import Identity, peer_id_of_owner, start_dht
 from efedllm.models.adapters import AdapterSpec
 from efedllm.models.span import ClientParts, load_client_parts
 from efedllm.protocol import codec
-from efedllm.protocol.audit import AuditVerdict, submit_audit
+from efedllm.protocol.audit import AuditVerdict, TrainAuditRequest, submit_audit, submit_training_audit
 from efedllm.protocol.channel import ChannelPool
 from efedllm.protocol.delivery import DeliveryServicer
 from efedllm.protocol.service import STEP_PUSH, STEP_STREAM, RemoteSpanStub
@@ -157,11 +158,14 @@ class DistributedModelForCausalLM(CausalLMClient):
             await session.close()
 
     def trainable(self, spec: AdapterSpec, tensors: dict[str, torch.Tensor] | None = None, seed: int = 0,
-                  attempts: int = 3) -> TrainableCausalLM:
+                  attempts: int = 3, route: list[RouteHop] | None = None) -> TrainableCausalLM:
         """A model to fine-tune through the swarm (:mod:`efedllm.client.training`): one runner per server of a
-        chain covering every block; ``tensors`` an adapter to go on from (default: fresh, seeded)."""
-        route = self.view.find_route(self.view.banned)
-        runners = [RemoteSpanRunner(self, hop.blocks, hop.peer_id, spec, attempts, self.config.request_timeout)
+        chain covering every block (``route``, or the best chain); ``tensors`` an adapter to go on from
+        (default: fresh, seeded)."""
+        route = route or self.view.find_route(self.view.banned)
+        auditor = TrainingAuditor(self.model_name, self.config.train_audit_fraction, self.config.audit_seed) \
+            if self.config.audits_training else None
+        runners = [RemoteSpanRunner(self, hop.blocks, hop.peer_id, spec, attempts, self.config.request_timeout, auditor)
                    for hop in route]
         return TrainableCausalLM(self.parts, runners, spec, initial_tensors(self.parts, spec, tensors, seed),
                                  torch.Generator().manual_seed(seed + 1), (tensors or {}).get("prompts"))
@@ -188,7 +192,17 @@ class DistributedModelForCausalLM(CausalLMClient):
             verdict = await self._send_audit(server, verifier, request, tensors)
             self.audits.append(AuditRecord(server, request.steps[0].receipt.session_id, verdict))
 
-    async def _send_audit(self, server: str, verifier: str, request, tensors, attempts: int = 2) -> AuditVerdict | str:
+    def audit_training(self, request: TrainAuditRequest, tensors: list) -> AuditVerdict | str:
+        """A trusted verifier's verdict on one training answer (blocks), or why none came."""
+        verifier = self._audit_random.choice(sorted(peer_id_of_owner(key) for key in self.config.trusted_verifier_keys))
+        self.audit_bytes += codec.wire_bytes(tensors) + len(codec.pack_metadata(request.to_wire()))
+        verdict = self.run(self._send_audit(request.receipt.peer_id, verifier, request, tensors,
+                                            submit=submit_training_audit))
+        self.audits.append(AuditRecord(request.receipt.peer_id, "training", verdict))
+        return verdict
+
+    async def _send_audit(self, server: str, verifier: str, request, tensors, attempts: int = 2,
+                          submit=None) -> AuditVerdict | str:
         """The verifier's verdict, or why none came. A verifier judges one audit per peer at a time and refuses
         the others, so this client's audits to it wait for each other. A second attempt after a transport
         error: judging again is harmless."""
@@ -196,7 +210,7 @@ class DistributedModelForCausalLM(CausalLMClient):
         for attempt in range(attempts):
             try:
                 async with lock:
-                    return await submit_audit(self.p2p, verifier, request, tensors)
+                    return await (submit or submit_audit)(self.p2p, verifier, request, tensors)
             except Exception as error:  # a verifier out of reach must not end the client's work
                 logger.warning("audit of %s by %s failed (attempt %d): %r", server, verifier, attempt + 1, error)
                 failure = f"{type(error).__name__}: {error}"

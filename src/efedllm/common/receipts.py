@@ -69,8 +69,27 @@ def _check_bytes(name: str, value: bytes, size: int) -> None:
     require(isinstance(value, bytes) and len(value) == size, f"{name} must be {size} bytes")
 
 
+class _ReceiptKeySigned:
+    """What a record signed by a receipt key has: ``_digests`` (its digest fields, each ``DIGEST_BYTES``), a
+    ``signature`` over every other field after the tag ``_domain``, checked by ``verify``."""
+
+    _digests: tuple[str, ...] = ()
+    _domain = b""
+
+    def check(self) -> None:
+        for name in self._digests:
+            _check_bytes(f"{self.KIND}.{name}", getattr(self, name), DIGEST_BYTES)
+        _check_bytes(f"{self.KIND}.signature", self.signature, SIGNATURE_BYTES)
+
+    def signed_bytes(self) -> bytes:
+        return _signed_bytes(self, self._domain)
+
+    def verify(self, receipt_key: bytes) -> bool:
+        return _verify(receipt_key, self.signature, self.signed_bytes())
+
+
 @dataclass(frozen=True)
-class StepReceipt(WireRecord, kind="step receipt"):
+class StepReceipt(_ReceiptKeySigned, WireRecord, kind="step receipt"):
     """One hop's signed account of one step (see the module docstring); ``signature`` covers every other field."""
 
     peer_id: PeerId
@@ -85,20 +104,40 @@ class StepReceipt(WireRecord, kind="step receipt"):
     history: bytes
     signature: bytes = b"\0" * SIGNATURE_BYTES
 
-    def check(self) -> None:
-        for name in ("input_digest", "output_digest", "history"):
-            _check_bytes(f"step receipt.{name}", getattr(self, name), DIGEST_BYTES)
-        _check_bytes("step receipt.signature", self.signature, SIGNATURE_BYTES)
+    _digests = ("input_digest", "output_digest", "history")
+    _domain = b"efedllm-receipt:"
 
-    def signed_bytes(self) -> bytes:
-        return _signed_bytes(self, b"efedllm-receipt:")
 
-    def verify(self, receipt_key: bytes) -> bool:
-        try:
-            ed25519.Ed25519PublicKey.from_public_bytes(receipt_key).verify(self.signature, self.signed_bytes())
-        except (InvalidSignature, ValueError):
-            return False
-        return True
+@dataclass(frozen=True)
+class TrainReceipt(_ReceiptKeySigned, WireRecord, kind="train receipt"):
+    """A server's signed account of one training request (:mod:`efedllm.server.training`): ``request_digest``
+    covers the request's metadata bytes and tensors exactly as received (:func:`train_digest`), ``answer_digest``
+    the tensors it answered. A genuine receipt whose answer does not follow from its request is proof of a lie."""
+
+    peer_id: PeerId
+    span: Span
+    backward: bool
+    rows: Positive
+    tokens: Positive
+    request_digest: bytes
+    answer_digest: bytes
+    signature: bytes = b"\0" * SIGNATURE_BYTES
+
+    _digests = ("request_digest", "answer_digest")
+    _domain = b"efedllm-train-receipt:"
+
+
+def train_digest(metadata: bytes, tensors: Iterable) -> bytes:
+    """Digest of a training request as sent: its packed metadata bytes, then its serialised tensors."""
+    return hashlib.blake2b(metadata + tensor_digest(tensors), digest_size=DIGEST_BYTES).digest()
+
+
+def _verify(receipt_key: bytes, signature: bytes, signed: bytes) -> bool:
+    try:
+        ed25519.Ed25519PublicKey.from_public_bytes(receipt_key).verify(signature, signed)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -131,7 +170,7 @@ class ReceiptSigner:
     def public_bytes(self) -> bytes:
         return self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
-    def sign(self, receipt: StepReceipt) -> StepReceipt:
+    def sign(self, receipt: "StepReceipt | TrainReceipt"):
         """``receipt`` with its signature filled in."""
         return dataclasses.replace(receipt, signature=self._key.sign(receipt.signed_bytes()))
 

@@ -108,6 +108,24 @@ def _client_name(span_model: SpanModel, module_name: str) -> str:
     return f"blocks.{span_model.span.start + int(index)}.{path}"
 
 
+@dataclass
+class KeptForward:
+    """A forward's autograd graph: its input leaves and its outputs (what a backward differentiates)."""
+
+    hidden: torch.Tensor  # [batch, tokens, hidden], requires grad
+    leaves: dict[str, torch.Tensor]
+    outputs: torch.Tensor
+
+    def made_from(self, hidden: torch.Tensor, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether these are exactly the inputs the graph was made from (same names, shapes and values)."""
+        return list(tensors) == list(self.leaves) and torch.equal(hidden, self.hidden.detach()) and \
+            all(torch.equal(tensor, self.leaves[name].detach()) for name, tensor in tensors.items())
+
+    @property
+    def tokens(self) -> int:
+        return int(self.hidden.shape[0] * self.hidden.shape[1])
+
+
 class TrainableSpan:
     """A span's frozen blocks with the client's trainable tensors applied per call (module docstring)."""
 
@@ -167,17 +185,29 @@ class TrainableSpan:
         with torch.no_grad():
             return self._run(hidden, tensors)
 
-    def backward(self, hidden: torch.Tensor, tensors: dict[str, torch.Tensor],
-                 grad_outputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(d loss / d hidden [batch, tokens, hidden], d loss / d each tensor) given d loss / d outputs."""
-        self.check(hidden, tensors, grad_outputs)
+    def forward_kept(self, hidden: torch.Tensor, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, "KeptForward"]:
+        """The span's outputs [batch, tokens, hidden], and the autograd graph that made them: a backward of
+        the same inputs (:meth:`backward` with ``kept``) then skips recomputing the forward."""
+        self.check(hidden, tensors)
         with torch.enable_grad():
-            hidden = hidden.detach().requires_grad_(True)
+            leaf = hidden.detach().requires_grad_(True)
             leaves = {name: tensor.detach().requires_grad_(True) for name, tensor in tensors.items()}
-            outputs = self._run(hidden, leaves)
-            grads = torch.autograd.grad(outputs, [hidden, *leaves.values()], grad_outputs, allow_unused=True)
-        zeros = [torch.zeros_like(leaf) if grad is None else grad for leaf, grad in zip(leaves.values(), grads[1:])]
-        return grads[0], dict(zip(leaves, zeros))
+            outputs = self._run(leaf, leaves)
+        return outputs.detach(), KeptForward(leaf, leaves, outputs)
+
+    def backward(self, hidden: torch.Tensor, tensors: dict[str, torch.Tensor], grad_outputs: torch.Tensor,
+                 kept: "KeptForward | None" = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(d loss / d hidden [batch, tokens, hidden], d loss / d each tensor) given d loss / d outputs; through
+        ``kept`` when it was made from exactly these inputs, else by recomputing the forward."""
+        self.check(hidden, tensors, grad_outputs)
+        if kept is None or not kept.made_from(hidden, tensors):
+            with torch.enable_grad():
+                leaf = hidden.detach().requires_grad_(True)
+                leaves = {name: tensor.detach().requires_grad_(True) for name, tensor in tensors.items()}
+                kept = KeptForward(leaf, leaves, self._run(leaf, leaves))
+        grads = torch.autograd.grad(kept.outputs, [kept.hidden, *kept.leaves.values()], grad_outputs, allow_unused=True)
+        zeros = [torch.zeros_like(leaf) if grad is None else grad for leaf, grad in zip(kept.leaves.values(), grads[1:])]
+        return grads[0], dict(zip(kept.leaves, zeros))
 
     def _blocks(self) -> range:
         return range(self.blocks.start, self.blocks.end)

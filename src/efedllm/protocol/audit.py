@@ -7,6 +7,10 @@ exact bytes of each step's input and output (the hidden states, each once, refer
 The verifier recomputes the session with reference weights (:mod:`efedllm.verifier.audit`) and
 answers an :class:`AuditVerdict`. The request travels as a stream of messages (metadata in the
 first, hidden states spread over all), so a long session is not bound by one message's size.
+
+A training step is audited alike: a :class:`TrainAuditRequest` on ``rpc_audit_training`` carries the
+server's signed :class:`~efedllm.common.receipts.TrainReceipt`, the request's metadata bytes and the exact
+tensors of the request and of the answer (:mod:`efedllm.verifier.training_audit` recomputes it).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from efedllm.common.errors import RecordError
-from efedllm.common.receipts import ReceiptCertificate, StepReceipt
+from efedllm.common.receipts import ReceiptCertificate, StepReceipt, TrainReceipt
 from efedllm.common.records import Count, Items, Positive, Text, WireRecord, require
 from efedllm.protocol import codec
 from efedllm.protocol.messages import WIRE_VERSION
@@ -54,6 +58,26 @@ class AuditRequest(WireRecord, kind="audit request", version=WIRE_VERSION):
                     "audit request names a hidden state it does not carry")
 
 
+MAX_TRAIN_METADATA = 64 * 2**10
+
+
+@dataclass(frozen=True)
+class TrainAuditRequest(WireRecord, kind="train audit request", version=WIRE_VERSION):
+    """One training request a server answered: its certificate and receipt, the request's packed metadata as
+    sent, then beside it ``request_tensors`` serialised tensors of the request and ``answer_tensors`` of the answer."""
+
+    model: Annotated[str, Text(256)]
+    certificate: ReceiptCertificate
+    receipt: TrainReceipt
+    request_metadata: bytes
+    request_tensors: Positive
+    answer_tensors: Positive
+
+    def check(self) -> None:
+        require(isinstance(self.request_metadata, bytes) and len(self.request_metadata) <= MAX_TRAIN_METADATA,
+                f"train audit request.request_metadata must be at most {MAX_TRAIN_METADATA} bytes")
+
+
 @dataclass(frozen=True)
 class AuditVerdict(WireRecord, kind="audit verdict", version=WIRE_VERSION):
     """``clean``: every step follows from its input; ``lie``: step ``step`` does not, and its receipt proves
@@ -74,8 +98,12 @@ class AuditService(ServicerBase):
                         context: P2PContext) -> runtime_pb2.ExpertResponse:
         raise NotImplementedError
 
+    async def rpc_audit_training(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                                 context: P2PContext) -> runtime_pb2.ExpertResponse:
+        raise NotImplementedError
 
-def audit_messages(request: AuditRequest, tensors: list) -> list[runtime_pb2.ExpertRequest]:
+
+def audit_messages(request: "AuditRequest | TrainAuditRequest", tensors: list) -> list[runtime_pb2.ExpertRequest]:
     """``request`` and its serialised hidden states as a stream of messages of about ``CHUNK_BYTES`` each."""
     messages, chunk, size = [], [], 0
     for tensor in tensors:
@@ -90,8 +118,9 @@ def audit_messages(request: AuditRequest, tensors: list) -> list[runtime_pb2.Exp
             for index, part in enumerate(messages)]
 
 
-async def read_audit(requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> tuple[AuditRequest, list]:
-    """The request and its serialised tensors; RecordError when malformed or over the limits."""
+async def read_audit(requests: AsyncIterator[runtime_pb2.ExpertRequest], kind: type = AuditRequest) -> tuple:
+    """The request (an AuditRequest, or ``kind``) and its serialised tensors; RecordError when malformed or over
+    the limits."""
     metadata, tensors, size = None, [], 0
     async for message in requests:
         if metadata is None:
@@ -104,7 +133,7 @@ async def read_audit(requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> tupl
         tensors.extend(message.tensors)
     if metadata is None:
         raise RecordError("empty audit request")
-    request = AuditRequest.from_wire(codec.unpack_metadata(metadata, MAX_AUDIT_METADATA_BYTES))
+    request = kind.from_wire(codec.unpack_metadata(metadata, MAX_AUDIT_METADATA_BYTES))
     return request, tensors
 
 
@@ -120,11 +149,21 @@ async def discard_audit(requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> N
 async def submit_audit(p2p: P2P, verifier_peer_id: str, request: AuditRequest, tensors: list,
                        timeout: float = 120.0) -> AuditVerdict:
     """Send one audit to a verifier and return its verdict; raises on transport errors or a refusal."""
+    return await _submit(p2p, verifier_peer_id, "rpc_audit", request, tensors, timeout)
+
+
+async def submit_training_audit(p2p: P2P, verifier_peer_id: str, request: TrainAuditRequest, tensors: list,
+                                timeout: float = 120.0) -> AuditVerdict:
+    """Send one training audit to a verifier and return its verdict; raises on transport errors or a refusal."""
+    return await _submit(p2p, verifier_peer_id, "rpc_audit_training", request, tensors, timeout)
+
+
+async def _submit(p2p: P2P, verifier_peer_id: str, method: str, request, tensors: list, timeout: float) -> AuditVerdict:
     stub = AuditService.get_stub(p2p, PeerID.from_base58(verifier_peer_id))
 
     async def stream():
         for message in audit_messages(request, tensors):
             yield message
 
-    answer = await stub.rpc_audit(stream(), timeout=timeout)
+    answer = await getattr(stub, method)(stream(), timeout=timeout)
     return AuditVerdict.from_wire(codec.unpack_metadata(answer.metadata))

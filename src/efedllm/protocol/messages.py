@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from efedllm.common.receipts import ReceiptCertificate, StepReceipt
+from efedllm.common.receipts import ReceiptCertificate, StepReceipt, TrainReceipt
 from efedllm.common.records import Count, Identifier, Items, Number, PeerId, Positive, Text, WireRecord, require
 from efedllm.common.spans import Span
 
@@ -122,13 +122,14 @@ class Reply(WireRecord, kind="reply", version=WIRE_VERSION):
     ``failed_peer`` names the hop that failed when it is not the one answering (a step forwarded
     along the chain whose next hop broke). ``receipts``: a step's receipts, when asked for, one per
     hop in chain order; ``certificate``: what an open-session reply carries, the server's
-    :class:`~efedllm.common.receipts.ReceiptCertificate`.
+    :class:`~efedllm.common.receipts.ReceiptCertificate` (a training reply with ``train_receipt`` too).
     """
 
     error: ErrorText | None = None
     failed_peer: PeerId | None = None
     receipts: Annotated[tuple[StepReceipt, ...], Items(maximum=MAX_ROUTE_HOPS, noun="receipts")] = ()
     certificate: ReceiptCertificate | None = None
+    train_receipt: TrainReceipt | None = None
 
     @property
     def ok(self) -> bool:
@@ -205,6 +206,8 @@ class TrainRequest(WireRecord, kind="train request", version=WIRE_VERSION):
     alpha: Annotated[float, Number(minimum=0.0, maximum=1e6)] = 0.0
     targets: Annotated[tuple[Annotated[str, Text(64, identifier=True)], ...], Items(maximum=16, noun="targets")] = ()
     prompts: Count = 0
+    receipts: bool = False  # answer with a signed TrainReceipt and the certificate of its key
+    step_id: Annotated[str, Text(64)] = ""  # a forward's backward will come with this id: the server may keep its graph
 
     def check(self) -> None:
         require(len(set(self.names)) == len(self.names), "train request.names names a tensor twice")

@@ -18,6 +18,7 @@ hop, ``step`` or ``push_step`` many times, ``close_session``.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable  # hivemind recognises streaming handlers by typing's alias only
 
 import torch
@@ -89,6 +90,17 @@ def span_service_stub(p2p: P2P, peer_id: str):
     return SpanService.get_stub(p2p, PeerID.from_base58(peer_id))
 
 
+@dataclass(frozen=True)
+class TrainExchange:
+    """One training call: the server's reply, its decoded tensors, and the exact bytes sent and received."""
+
+    reply: Reply
+    tensors: list
+    request_metadata: bytes
+    request_tensors: list
+    answer_tensors: list
+
+
 class RemoteSpanStub:
     """Typed calls to one server's span service.
 
@@ -120,12 +132,19 @@ class RemoteSpanStub:
 
     async def train(self, request: TrainRequest, tensors: list[torch.Tensor], timeout: float = 120.0) -> list[torch.Tensor]:
         """A training forward (the outputs) or backward (input gradients, then the tensors' gradients)."""
-        _, answer = await self._call("rpc_train", codec.request(request, codec.encode_tensors(tensors)), timeout)
+        return (await self.train_exchange(request, tensors, timeout)).tensors
+
+    async def train_exchange(self, request: TrainRequest, tensors: list[torch.Tensor],
+                             timeout: float = 120.0) -> "TrainExchange":
+        """A training request and its answer, with the bytes of both (what a train receipt commits to)."""
+        message = codec.request(request, codec.encode_tensors(tensors))
+        reply, answer = await self._call("rpc_train", message, timeout)
         expected = len(request.names) + 1 if request.backward else 1
         try:
-            return codec.decode_tensors(answer.tensors, expected)
+            decoded = codec.decode_tensors(answer.tensors, expected)
         except RecordError as error:
             raise HopFailure(self.peer_id, f"bad answer from {self.peer_id} to rpc_train: {error}") from None
+        return TrainExchange(reply, decoded, message.metadata, list(message.tensors), list(answer.tensors))
 
     async def push_step(self, step: StepRequest, tensors, on_lost: Callable[[str], None], timeout: float) -> None:
         """Sends a delivered step without waiting for any answer; ``on_lost(reason)`` if the stream breaks first."""

@@ -10,6 +10,9 @@ A :class:`FaultMode` is a small extension point. The server calls it in this ord
    states, where ``context`` is the step's :class:`StepContext` (or ``None`` where the caller has
    none); the returned tensor is what the server sends on.
 3. At every announcement: ``announced_throughput(measured)`` is the throughput the record claims.
+4. For every training request (:mod:`efedllm.server.training`): ``training_tensors(tensors, backward)``
+   on the client's trainable tensors before the span computes with them, then, for a backward,
+   ``corrupt_gradients(grad_hidden, grads)`` on what it answers.
 
 Modes (``parse_fault`` reads them):
 
@@ -28,6 +31,10 @@ Modes (``parse_fault`` reads them):
 - ``intermittent:P``: on a random fraction P of steps answers like ``random``; otherwise honest.
 - ``slow:MS``: honest but waits MS milliseconds per step.
 - ``announce:TOKENS_PER_S``: computes honestly but announces that throughput (a liar after traffic).
+- ``grad-noise:SIGMA``: training backwards answer every gradient plus Gaussian noise of SIGMA times its RMS.
+- ``grad-zeros``: training backwards answer zero gradients (no work done).
+- ``grad-stale``: training backwards use the trainable tensors of the first request this server saw
+  for those names (an adapter the client has since updated), not the ones sent.
 
 Rules (``MODE;RULE;RULE...``, e.g. ``noise:0.1;after=10;share=0.1``) make an output-corrupting mode
 (noise, zeros, random, intermittent) cheat only on some steps, as an adaptive adversary would: a
@@ -98,6 +105,15 @@ class FaultMode:
     def announced_throughput(self, measured: float) -> float:
         """The tokens per second the server's record claims, given what it measured."""
         return measured
+
+    def training_tensors(self, tensors: dict[str, torch.Tensor], backward: bool) -> dict[str, torch.Tensor]:
+        """The client's trainable tensors a training request is computed with."""
+        return tensors
+
+    def corrupt_gradients(self, grad_hidden: torch.Tensor,
+                          grads: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Called on a training backward's answer: the input gradients and each trainable tensor's gradient."""
+        return grad_hidden, grads
 
     def gaussian_like(self, tensor: torch.Tensor) -> torch.Tensor:
         """Standard normal noise shaped like ``tensor``, drawn from this fault's generator."""
@@ -288,9 +304,42 @@ class RuledFault(FaultMode):
         return self.inner.corrupt(inputs, outputs, context)
 
 
-_MODES_WITHOUT_ARGUMENT = {"none": FaultMode, "zeros": ZerosFault, "random": RandomFault, "wrong-model": WrongModelFault}
+class GradNoiseFault(FaultMode):
+    def __init__(self, sigma: float, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.sigma, self.spec = sigma, f"grad-noise:{sigma:g}"
+
+    def corrupt_gradients(self, grad_hidden, grads):
+        noisy = {name: grad + self.gaussian_like(grad) * (self.sigma * _rms(grad)) for name, grad in grads.items()}
+        return grad_hidden + self.gaussian_like(grad_hidden) * (self.sigma * _rms(grad_hidden)), noisy
+
+
+class GradZerosFault(FaultMode):
+    spec = "grad-zeros"
+
+    def corrupt_gradients(self, grad_hidden, grads):
+        return torch.zeros_like(grad_hidden), {name: torch.zeros_like(grad) for name, grad in grads.items()}
+
+
+class GradStaleFault(FaultMode):
+    """Remembers the first tensors it is sent under each set of names and computes backwards with those."""
+
+    spec = "grad-stale"
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.first: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+
+    def training_tensors(self, tensors, backward):
+        key = tuple(tensors)
+        stale = self.first.setdefault(key, {name: tensor.clone() for name, tensor in tensors.items()})
+        return stale if backward else tensors
+
+
+_MODES_WITHOUT_ARGUMENT = {"none": FaultMode, "zeros": ZerosFault, "random": RandomFault, "wrong-model": WrongModelFault,
+                           "grad-zeros": GradZerosFault, "grad-stale": GradStaleFault}
 KNOWN_MODES = ("none", "noise:SIGMA", "zeros", "random", "skip-blocks[:N]", "wrong-model", "intermittent:P", "slow:MS",
-               "announce:TOKENS_PER_S")
+               "announce:TOKENS_PER_S", "grad-noise:SIGMA", "grad-zeros", "grad-stale")
 
 
 def _number(spec: str, name: str, text: str) -> float:
@@ -321,16 +370,16 @@ def _parse_mode(spec: str, text: str, seed: int) -> FaultMode:
         return _MODES_WITHOUT_ARGUMENT[mode](seed=seed)
     if mode == "skip-blocks":
         return _parse_skip_blocks(spec, argument, seed)
-    if mode not in ("noise", "intermittent", "slow", "announce"):
+    if mode not in ("noise", "intermittent", "slow", "announce", "grad-noise"):
         raise ValueError(f"fault {spec!r}: unknown mode {mode!r}; known modes: {', '.join(KNOWN_MODES)} "
                          f"(then optionally ;RULE... with rules {', '.join(KNOWN_RULES)})")
     if not argument:
         raise ValueError(f"fault {spec!r}: mode {mode!r} needs an argument, e.g. {mode}:{_EXAMPLES[mode]}")
     value = _number(spec, _ARGUMENT_NAMES[mode], argument)
-    if mode == "noise":
+    if mode in ("noise", "grad-noise"):
         if value <= 0:
             raise ValueError(f"fault {spec!r}: SIGMA must be > 0, got {value:g}")
-        return NoiseFault(value, seed=seed)
+        return NoiseFault(value, seed=seed) if mode == "noise" else GradNoiseFault(value, seed=seed)
     if mode == "intermittent":
         if not 0.0 < value <= 1.0:
             raise ValueError(f"fault {spec!r}: P must be in (0, 1], got {value:g}")
@@ -340,8 +389,8 @@ def _parse_mode(spec: str, text: str, seed: int) -> FaultMode:
     return SlowFault(value, seed=seed) if mode == "slow" else AnnounceFault(value, seed=seed)
 
 
-_ARGUMENT_NAMES = {"noise": "SIGMA", "intermittent": "P", "slow": "MS", "announce": "TOKENS_PER_S"}
-_EXAMPLES = {"noise": "0.01", "intermittent": "0.2", "slow": "200", "announce": "1e6"}
+_ARGUMENT_NAMES = {"noise": "SIGMA", "intermittent": "P", "slow": "MS", "announce": "TOKENS_PER_S", "grad-noise": "SIGMA"}
+_EXAMPLES = {"noise": "0.01", "intermittent": "0.2", "slow": "200", "announce": "1e6", "grad-noise": "0.05"}
 
 
 def _parse_skip_blocks(spec: str, argument: str, seed: int) -> SkipBlocksFault:

@@ -112,9 +112,11 @@ class SpanServicer:
         self.sessions, self.p2p, self.compute, self.policy, self.fault = sessions, p2p, compute, policy, fault
         self.metrics = metrics  # steps computed and requests refused (server/metrics.py)
         self.batcher = StepBatcher(sessions, compute, batch_limits)  # steps of all sessions, merged into passes
-        self.training = TrainingServicer(sessions, compute)  # training forwards and backwards (server/training.py)
         self.signer, self.certificate = signer, certificate
         self.peer_id = p2p.peer_id.to_base58()
+        # training forwards and backwards (server/training.py)
+        self.training = TrainingServicer(sessions, compute, fault=fault, signer=signer, certificate=certificate,
+                                         peer_id=self.peer_id)
         self.leases: dict[str, SessionLease] = {}  # session id -> its owner, upstream and reserved bytes
         self.histories: dict[str, bytes] = {}  # session id -> its receipts' running history digest
         self.step_counts: dict[str, int] = {}  # session id -> steps served (what fault rules see)
@@ -174,7 +176,7 @@ class SpanServicer:
             _trim_heap_soon()
 
     async def rpc_train(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self.training.handle(request)
+        return await self.training.handle(request, context.remote_id.to_base58())
 
     async def rpc_close_session(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:

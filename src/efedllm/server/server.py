@@ -36,6 +36,7 @@ from efedllm.server.config import ServerConfig
 from efedllm.server.faults import FaultMode, RuledFault, parse_fault
 from efedllm.server.handler import SpanServicer
 from efedllm.server.metrics import NoMetrics, ServerMetrics
+from efedllm.server.memory import loading_heap
 from efedllm.server.weights import check_compression, fetch_span_weights, span_from_payload
 
 logger = logging.getLogger(__name__)
@@ -146,16 +147,17 @@ class Server:
         self._write_ready_file()
 
     def _load_span_model(self, span: Span) -> SpanModel:
-        model = load_span(self.config.model, span.start, span.end, self.config.dtype, self.config.quant)
-        if self.config.compression:
-            compress_span(model, self.config.model, self.config.compression)
+        with loading_heap():  # server/memory.py: temporaries mapped on their own while loading, not while serving
+            model = load_span(self.config.model, span.start, span.end, self.config.dtype, self.config.quant)
+            if self.config.compression:
+                compress_span(model, self.config.model, self.config.compression)
         return model
 
     async def _receive_span_model(self, span: Span) -> SpanModel:
         wanted = self.config.compression.signature() if self.config.compression else None
         header, payload = await fetch_span_weights(self.p2p, self.config.weights_from, span)
         still_to_compress = check_compression(header, wanted)
-        model = await self._compute(span_from_payload, self.config.model, span, payload, self.config.dtype)
+        model = await self._compute(_received_span, self.config.model, span, payload, self.config.dtype)
         print(f"efedllm server {self.peer_id} received blocks {span} from {self.config.weights_from}: "
               f"{header.payload_bytes} bytes on the wire, {header.dense_bytes} dense "
               f"(ratio {header.payload_bytes / header.dense_bytes:.4f})", flush=True)
@@ -277,3 +279,8 @@ class Server:
             print(f"efedllm server {self.peer_id} moves from blocks {self.span} to {target}", flush=True)
             self._announce(ServerState.OFFLINE)
             await self._load(target)
+
+
+def _received_span(model: str, span: Span, payload, dtype) -> SpanModel:
+    with loading_heap():
+        return span_from_payload(model, span, payload, dtype)

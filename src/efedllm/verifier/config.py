@@ -16,6 +16,8 @@ from efedllm.verifier.trust import POLICIES, TrustPolicy, make_policy, wilson_bo
 DEFAULT_PROBE_DECODE_STEPS = 8
 # Same weights, same dtype, same kernels: prefill-vs-decode and batching differences stay ~1e-5.
 SAME_DTYPE_TOLERANCES = Tolerances(min_cosine=0.99999, max_relative_l2=2e-3, max_off_fraction=0.0, hard_max_relative_l2=2e-3)
+# Training gradients of a server in the reference's dtype: the same code, sums reordered by threads (~1e-6 seen).
+SAME_DTYPE_GRADIENT_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class VerifierConfig:
             probability 0.5**K, so its lies are recent (7 sessions for 99%), but a cheater that lies
             rarely can go on for long; a day of hourly epochs covers what a verifier can still
             attribute without claiming credit that honest work of other days earned.
+        gradient_tolerance: the largest relative L2 error of any gradient a training audit accepts from a
+            server computing in another dtype than the reference (:mod:`efedllm.verifier.training_audit`);
+            in the same dtype ``SAME_DTYPE_GRADIENT_TOLERANCE``.
     """
 
     theta: float = 0.8
@@ -65,6 +70,7 @@ class VerifierConfig:
     quorum: QuorumRule = QuorumRule("majority")
     verdict_max_age_s: float = 600.0
     clawback_epochs: int = 24
+    gradient_tolerance: float = 0.05
 
     def __post_init__(self) -> None:
         weights = self.weights.items() if isinstance(self.weights, Mapping) else self.weights
@@ -94,6 +100,8 @@ class VerifierConfig:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         if not (isinstance(self.clawback_epochs, int) and self.clawback_epochs >= 0):
             raise ValueError(f"clawback_epochs must be an integer >= 0, got {self.clawback_epochs!r}")
+        if not (isinstance(self.gradient_tolerance, (int, float)) and 0 < self.gradient_tolerance < 1):
+            raise ValueError(f"gradient_tolerance must be in (0, 1), got {self.gradient_tolerance!r}")
         if not (math.isfinite(self.reward_per_epoch) and self.reward_per_epoch >= 0):
             raise ValueError(f"reward_per_epoch must be a finite number >= 0, got {self.reward_per_epoch!r}")
         if not all(isinstance(key, str) and key for key in self.trusted_verifier_keys):

@@ -61,7 +61,7 @@ from efedllm.protocol.messages import OpenSessionRequest, StepRequest
 from efedllm.protocol.service import HopFailure, RemoteSpanStub
 from efedllm.verifier.audit import AuditOutcome
 from efedllm.verifier.audit_desk import AuditDesk
-from efedllm.verifier.config import DEFAULT_PROBE_DECODE_STEPS, SAME_DTYPE_TOLERANCES, VerifierConfig
+from efedllm.verifier.config import DEFAULT_PROBE_DECODE_STEPS, SAME_DTYPE_GRADIENT_TOLERANCE, SAME_DTYPE_TOLERANCES, VerifierConfig
 from efedllm.verifier.ledger import Ledger, epoch_of
 from efedllm.verifier.trust import ProbeWindow, ServerEvidence, TrustDecision, decide_trust
 
@@ -237,7 +237,8 @@ class Verifier:
             torch.set_num_threads(self.config.torch_threads)
         self.parts = load_client_parts(self.config.model)
         self.reference = load_span(self.config.model, 0, self.parts.config.num_hidden_layers)
-        self.audits = AuditDesk(self.config.model, self.reference, self._tolerances_for_dtype, self._act_on_lie)
+        self.audits = AuditDesk(self.config.model, self.reference, self._tolerances_for_dtype, self._act_on_lie,
+                                self._gradient_tolerance_for_dtype)
         self._passages = load_passages(self.config.corpus_path or default_corpus_path())
         self.ledger = Ledger(self.config.decisions.ledger_path).open()
         self.proven_liars = self.ledger.deactivations()
@@ -428,6 +429,11 @@ class Verifier:
         """One server's session from a client (``efedllm.protocol.audit``): judged, acted on, answered."""
         return codec.response(await self.audits.answer(requests, context.remote_id.to_base58()))
 
+    async def rpc_audit_training(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                                 context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """One training request a server answered, from a client (``efedllm.verifier.training_audit``)."""
+        return codec.response(await self.audits.answer_training(requests, context.remote_id.to_base58()))
+
     def _act_on_lie(self, outcome: AuditOutcome) -> None:
         """Deactivates a proven liar for good and publishes that at once."""
         logger.warning("proven lie by %s: %s", outcome.peer_id, outcome.reason)
@@ -458,6 +464,13 @@ class Verifier:
         if dtype == dtype_name(self.reference.dtype):
             return SAME_DTYPE_TOLERANCES
         return self.config.decisions.tolerances
+
+    def _gradient_tolerance_for_dtype(self, dtype: str) -> float:
+        """A server in the reference's dtype runs the same arithmetic (threads reorder sums: ~1e-6); another
+        dtype rounds every product, so its gradients are judged ``gradient_tolerance`` loosely."""
+        if dtype == dtype_name(self.reference.dtype):
+            return SAME_DTYPE_GRADIENT_TOLERANCE
+        return self.config.decisions.gradient_tolerance
 
     def close_finished_epochs(self) -> list:
         """Credit every epoch that has ended and holds work, with the current scores and activation."""

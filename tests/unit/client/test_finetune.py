@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from efedllm.client.finetune import batches, load_adapter, read_texts, token_chunks
 from efedllm.models.adapters import AdapterSpec
@@ -66,4 +67,39 @@ def test_finetune_bad_arguments_are_named(tmp_path):
              ("--local", "--data", str(data), "--save", "a.safetensors", "--method", "full"): "invalid choice"}
     for arguments, expected in cases.items():
         done = run_cli(*arguments)
+        assert done.returncode != 0 and expected in done.stderr, (arguments, done.stderr)
+
+
+def run_efedllm(*arguments) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "efedllm.cli", *arguments], capture_output=True, text=True, timeout=600)
+
+
+def test_generate_and_eval_ppl_take_the_adapter_and_name_a_bad_one(tmp_path):
+    data = tmp_path / "train.txt"
+    data.write_text("The lighthouse keeper counted the ships. " * 40, encoding="utf-8")
+    save = tmp_path / "adapter.safetensors"
+    done = run_cli("--local", "--data", str(data), "--steps", "4", "--batch", "2", "--seq-len", "32", "--lr", "2e-2",
+                   "--method", "lora", "--rank", "2", "--save", str(save))
+    assert done.returncode == 0, done.stderr
+    ppl = {}
+    for name, extra in (("adapted", ["--adapter", str(save)]), ("base", [])):
+        done = run_efedllm("eval-ppl", "--text", str(data), "--tokens", "128", "--window", "64", "--json", *extra)
+        assert done.returncode == 0, done.stderr
+        ppl[name] = json.loads(done.stdout.strip().splitlines()[-1])["perplexity"]
+    assert ppl["adapted"] < ppl["base"]  # it learnt the text it was trained on
+    done = run_efedllm("generate", "--local", "--adapter", str(save), "--greedy", "--max-new-tokens", "3", "--json",
+                       "--no-chat", "The lighthouse keeper")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["adapter"] == "lora" and record["new_tokens"] == 3
+    spec, tensors, _ = load_adapter(save)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file(tensors, str(foreign), {"format": "efedllm-adapter/1", "model": "other-model", "method": "lora", "rank": "2",
+                                      "alpha": "4.0", "targets": "q_proj", "prompts": "0"})
+    cases = {("generate", "--local", "--adapter", str(tmp_path / "none.safetensors"), "Hi"): "no such file",
+             ("generate", "--local", "--adapter", str(foreign), "Hi"): "was trained on other-model",
+             ("eval-ppl", "--text", str(data), "--initial-peers", "/ip4/127.0.0.1/tcp/4000/p2p/"
+              "QmXfptdHU6hqG95JswxYVUH4bphcK8y18mhFcgUQFe6fCN"): "--initial-peers goes with --adapter"}
+    for arguments, expected in cases.items():
+        done = run_efedllm(*arguments)
         assert done.returncode != 0 and expected in done.stderr, (arguments, done.stderr)
