@@ -158,3 +158,18 @@ def test_generation_with_an_adapter_through_the_swarm_equals_local(swarm_model, 
     with torch.no_grad():
         base = local_pipeline.trainable(SPECS["lora"], seed=3)(ids).logits  # B = 0: the base model's logits
     assert (results["local logits"] - base).abs().max() > 1e-2  # the adapter is applied, not ignored
+
+
+def test_prompt_tuned_generation_uses_cached_sessions_and_gives_the_uncached_tokens(swarm_model, local_pipeline,
+                                                                                      client_parts):
+    config = GenerationConfig(max_new_tokens=5, greedy=True, stop_on_eos=False)
+    ids = client_parts.tokenizer("The lighthouse keeper", return_tensors="pt")["input_ids"]
+    tokens = {}
+    for name, host in (("swarm", swarm_model), ("local", local_pipeline)):
+        adapted = host.trainable(SPECS["ptune"], seed=5)
+        with torch.no_grad():
+            adapted.prompts.mul_(20.0)  # prompts that change the text
+        for cache in (True, False):
+            tokens[name, cache] = host.generate_adapted(adapted, ids, config, cache=cache).token_ids
+    assert tokens["swarm", True] == tokens["swarm", False] == tokens["local", True] == tokens["local", False]
+    assert tokens["local", True] != local_pipeline.generate(ids, config).token_ids

@@ -57,8 +57,9 @@ def register(subparsers) -> None:
                         help="chained steps answer back hop by hop instead of the last hop delivering to the client")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument("--adapter", type=Path, default=None, metavar="FILE",
-                        help="generate with a fine-tuned adapter (efedllm finetune --save); through a swarm the servers "
-                             "apply it to each request only (no KV cache: every token resends the sequence)")
+                        help="generate with a fine-tuned adapter (efedllm finetune --save); prompt tuning runs in ordinary "
+                             "KV-cached sessions, LoRA and deep prompts as requests the servers apply it to (no KV "
+                             "cache: every token resends the sequence)")
     arguments.add_trusted_verifiers(parser, "route around servers")
     parser.add_argument("--audit-fraction", type=fraction, default=RemoteClientConfig().audit_fraction, metavar="P",
                         help="with --trusted-verifiers: steps carry signed receipts and this share of sessions is "

@@ -43,6 +43,22 @@ class AdaptedSession:
             return self.model.hidden_states(self.embeddings)[:, -embeddings.shape[1]:]
 
 
+class PromptedSession:
+    """An inference session whose sequence starts with soft prompts (prompt tuning: the adapter is only the
+    client's input embeddings, so the servers' ordinary KV-cached sessions serve it): ``step`` puts ``prompts``
+    [prompts, hidden] in front of the first step's embeddings and hands back the outputs of the steps' own positions."""
+
+    def __init__(self, session, prompts: torch.Tensor) -> None:
+        self.session, self.prompts = session, prompts
+
+    def step(self, embeddings: torch.Tensor) -> torch.Tensor:
+        if self.prompts is None:
+            return self.session.step(embeddings)
+        count, self.prompts = self.prompts.shape[0], torch.cat([self.prompts.unsqueeze(0), embeddings], dim=1)
+        embeddings, self.prompts = self.prompts, None
+        return self.session.step(embeddings)[:, count:]
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -131,13 +147,20 @@ class CausalLMClient:
                                 token_times=stream.times)
 
     def generate_adapted(self, model, input_ids: torch.Tensor, config: GenerationConfig = GenerationConfig(),
-                         on_text: Callable[[str], None] | None = None) -> GenerationResult:
+                         on_text: Callable[[str], None] | None = None, cache: bool = True) -> GenerationResult:
         """``generate`` with a fine-tuned adapter: ``model`` is this client's ``trainable(spec, tensors)``
-        (:class:`~efedllm.client.training.TrainableCausalLM`); servers apply its tensors to each request only."""
+        (:class:`~efedllm.client.training.TrainableCausalLM`). Prompt tuning runs in an ordinary KV-cached
+        session (``cache``); LoRA and deep prompts go as requests that carry the adapter (:class:`AdaptedSession`)."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"input_ids must be [1, tokens], got shape {tuple(input_ids.shape)}")
         started = time.perf_counter()
-        stream, first_token_at, text = self._decode_loop(AdaptedSession(model), input_ids, config, on_text)
+        if cache and model.spec.method == "ptune":
+            prompts = model.prompts.detach()  # [prompts, hidden]
+            with self.inference_session(prompts.shape[0] + input_ids.shape[1] + config.max_new_tokens) as session:
+                stream, first_token_at, text = self._decode_loop(PromptedSession(session, prompts), input_ids, config,
+                                                                 on_text)
+        else:
+            stream, first_token_at, text = self._decode_loop(AdaptedSession(model), input_ids, config, on_text)
         return GenerationResult(text, stream.new_ids, len(stream.new_ids), time.perf_counter() - started,
                                 first_token_at - started, input_ids.shape[1], {"adapter": model.spec.method},
                                 stream.times)
