@@ -54,9 +54,8 @@ class PromptedSession:
     def step(self, embeddings: torch.Tensor) -> torch.Tensor:
         if self.prompts is None:
             return self.session.step(embeddings)
-        count, self.prompts = self.prompts.shape[0], torch.cat([self.prompts.unsqueeze(0), embeddings], dim=1)
-        embeddings, self.prompts = self.prompts, None
-        return self.session.step(embeddings)[:, count:]
+        prompts, self.prompts = self.prompts, None  # [prompts, hidden], in front of the first step only
+        return self.session.step(torch.cat([prompts.unsqueeze(0), embeddings], dim=1))[:, prompts.shape[0]:]
 
 
 @dataclass

@@ -23,6 +23,7 @@ grad_outputs)`` (recomputes the forward, then the gradients for the span's input
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 from dataclasses import dataclass
@@ -121,10 +122,6 @@ class KeptForward:
         return list(tensors) == list(self.leaves) and torch.equal(hidden, self.hidden.detach()) and \
             all(torch.equal(tensor, self.leaves[name].detach()) for name, tensor in tensors.items())
 
-    @property
-    def tokens(self) -> int:
-        return int(self.hidden.shape[0] * self.hidden.shape[1])
-
 
 class TrainableSpan:
     """A span's frozen blocks with the client's trainable tensors applied per call (module docstring)."""
@@ -189,11 +186,8 @@ class TrainableSpan:
         """The span's outputs [batch, tokens, hidden], and the autograd graph that made them: a backward of
         the same inputs (:meth:`backward` with ``kept``) then skips recomputing the forward."""
         self.check(hidden, tensors)
-        with torch.enable_grad():
-            leaf = hidden.detach().requires_grad_(True)
-            leaves = {name: tensor.detach().requires_grad_(True) for name, tensor in tensors.items()}
-            outputs = self._run(leaf, leaves)
-        return outputs.detach(), KeptForward(leaf, leaves, outputs)
+        kept = self._graph(hidden, tensors)
+        return kept.outputs.detach(), kept
 
     def backward(self, hidden: torch.Tensor, tensors: dict[str, torch.Tensor], grad_outputs: torch.Tensor,
                  kept: "KeptForward | None" = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -201,13 +195,17 @@ class TrainableSpan:
         ``kept`` when it was made from exactly these inputs, else by recomputing the forward."""
         self.check(hidden, tensors, grad_outputs)
         if kept is None or not kept.made_from(hidden, tensors):
-            with torch.enable_grad():
-                leaf = hidden.detach().requires_grad_(True)
-                leaves = {name: tensor.detach().requires_grad_(True) for name, tensor in tensors.items()}
-                kept = KeptForward(leaf, leaves, self._run(leaf, leaves))
+            kept = self._graph(hidden, tensors)
         grads = torch.autograd.grad(kept.outputs, [kept.hidden, *kept.leaves.values()], grad_outputs, allow_unused=True)
         zeros = [torch.zeros_like(leaf) if grad is None else grad for leaf, grad in zip(kept.leaves.values(), grads[1:])]
         return grads[0], dict(zip(kept.leaves, zeros))
+
+    def _graph(self, hidden: torch.Tensor, tensors: dict[str, torch.Tensor]) -> KeptForward:
+        """The forward with autograd on, from fresh leaves of ``hidden`` and ``tensors``."""
+        with torch.enable_grad():
+            leaf = hidden.detach().requires_grad_(True)
+            leaves = {name: tensor.detach().requires_grad_(True) for name, tensor in tensors.items()}
+            return KeptForward(leaf, leaves, self._run(leaf, leaves))
 
     def _blocks(self) -> range:
         return range(self.blocks.start, self.blocks.end)
@@ -218,6 +216,32 @@ class TrainableSpan:
             return self.model(hidden, blocks=self.blocks, layer_prompts=layer_prompts)  # [layers, prompts, hidden]
         replaced = {self._module_names[name]: tensor for name, tensor in tensors.items()}
         return functional_call(self.model, replaced, (hidden,), {"blocks": self.blocks}, strict=False)
+
+
+def spec_of(request) -> AdapterSpec:
+    """What a training request (``method``, ``rank``, ``alpha``, ``targets``, ``prompts``: a
+    :class:`~efedllm.protocol.messages.TrainRequest`) trains; LoRA's fields count for LoRA only."""
+    if request.method == "lora":
+        return AdapterSpec(request.method, request.rank, request.alpha, tuple(request.targets), request.prompts)
+    return AdapterSpec(request.method, prompts=request.prompts)
+
+
+class TrainableViews:
+    """The :class:`TrainableSpan` views of one span model by (blocks, spec), built on first use, the least
+    recently used dropped beyond ``max_views`` (a view copies the module tree, not the weights)."""
+
+    def __init__(self, span_model: SpanModel, max_views: int = 8) -> None:
+        self.span_model, self.max_views = span_model, max_views
+        self._views: collections.OrderedDict[tuple, TrainableSpan] = collections.OrderedDict()
+
+    def get(self, blocks: Span, spec: AdapterSpec) -> TrainableSpan:
+        key = (blocks.start, blocks.end, spec)
+        if key not in self._views:
+            self._views[key] = TrainableSpan(self.span_model, spec, blocks)
+            while len(self._views) > self.max_views:
+                self._views.popitem(last=False)
+        self._views.move_to_end(key)
+        return self._views[key]
 
 
 def init_adapters(shapes: dict[str, tuple[int, ...]], spec: AdapterSpec, generator: torch.Generator,

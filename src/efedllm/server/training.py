@@ -30,7 +30,7 @@ from hivemind.proto import runtime_pb2
 
 from efedllm.common.errors import RecordError
 from efedllm.common.receipts import ReceiptCertificate, ReceiptSigner, TrainReceipt, tensor_digest, train_digest
-from efedllm.models.adapters import AdapterInputError, AdapterSpec, KeptForward, TrainableSpan
+from efedllm.models.adapters import AdapterInputError, KeptForward, TrainableSpan, TrainableViews, spec_of
 from efedllm.models.sessions import SpanSessions
 from efedllm.protocol import codec
 from efedllm.protocol.messages import Reply, TrainRequest
@@ -95,10 +95,10 @@ class TrainingServicer:
     def __init__(self, sessions: SpanSessions, compute, max_trainables: int = 8, fault: FaultMode | None = None,
                  signer: ReceiptSigner | None = None, certificate: ReceiptCertificate | None = None,
                  peer_id: str = "") -> None:
-        self.sessions, self.compute, self.max_trainables = sessions, compute, max_trainables
+        self.sessions, self.compute = sessions, compute
         self.fault = fault or FaultMode()
         self.signer, self.certificate, self.peer_id = signer, certificate, peer_id
-        self._trainables: collections.OrderedDict[tuple, TrainableSpan] = collections.OrderedDict()
+        self._views = TrainableViews(sessions.model, max_trainables)
         self.kept = KeptForwards()  # touched on the compute thread only
         self.in_flight: collections.Counter[str] = collections.Counter()  # training requests per peer, on the loop
         self.requests_served = 0
@@ -141,7 +141,7 @@ class TrainingServicer:
                               encoded)
 
     def _receipt(self, train: TrainRequest, request: runtime_pb2.ExpertRequest, answer: list) -> TrainReceipt:
-        rows, tokens = (int(size) for size in request.tensors[0].size[:2])
+        rows, tokens = (int(size) for size in request.tensors[0].size[:2])  # of the hidden states, checked 3-d
         return self.signer.sign(TrainReceipt(self.peer_id, train.span, train.backward, rows, tokens,
                                              train_digest(request.metadata, request.tensors), tensor_digest(answer)))
 
@@ -161,12 +161,4 @@ class TrainingServicer:
         """The trainable view for the request's blocks and spec (built on first use); ValueError if it does not fit."""
         if not self.sessions.model.span.contains(train.span):
             raise AdapterInputError(f"blocks {train.span} are not inside this server's span {self.sessions.model.span}")
-        spec = AdapterSpec(train.method, train.rank, train.alpha, tuple(train.targets), train.prompts) \
-            if train.method == "lora" else AdapterSpec(train.method, prompts=train.prompts)
-        key = (train.span.start, train.span.end, spec)
-        if key not in self._trainables:
-            self._trainables[key] = TrainableSpan(self.sessions.model, spec, train.span)
-            while len(self._trainables) > self.max_trainables:
-                self._trainables.popitem(last=False)
-        self._trainables.move_to_end(key)
-        return self._trainables[key]
+        return self._views.get(train.span, spec_of(train))

@@ -23,6 +23,7 @@ from efedllm.common.errors import RecordError
 from efedllm.models.comparison import Tolerances
 from efedllm.protocol.audit import AuditRequest, AuditVerdict, TrainAuditRequest, discard_audit, read_audit
 from efedllm.verifier.audit import AuditOutcome, judge_audit
+from efedllm.verifier.config import SAME_DTYPE_GRADIENT_TOLERANCE
 from efedllm.verifier.training_audit import TrainingJudge
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class AuditDesk:
     """Judges clients' audits for one model against ``reference`` (every block, float32)."""
 
     def __init__(self, model: str, reference, tolerances_for: Callable[[str], Tolerances],
-                 on_lie: Callable[[AuditOutcome], None], gradient_tolerance_for: Callable[[str], float] = lambda _: 1e-3) -> None:
+                 on_lie: Callable[[AuditOutcome], None], gradient_tolerance_for: Callable[[str], float] = lambda _: SAME_DTYPE_GRADIENT_TOLERANCE) -> None:
         self.model, self.reference = model, reference
         self.training = TrainingJudge(reference, tolerances_for, gradient_tolerance_for)
         self.tolerances_for, self.on_lie = tolerances_for, on_lie

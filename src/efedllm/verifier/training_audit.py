@@ -18,7 +18,6 @@ one training forward or backward a server answered, :mod:`efedllm.server.trainin
 
 from __future__ import annotations
 
-import collections
 from typing import Callable
 
 import torch
@@ -26,7 +25,7 @@ import torch
 from efedllm.common.errors import RecordError
 from efedllm.common.receipts import tensor_digest, train_digest
 from efedllm.dht.identity import check_certificate
-from efedllm.models.adapters import AdapterInputError, AdapterSpec, TrainableSpan
+from efedllm.models.adapters import AdapterInputError, TrainableSpan, TrainableViews, spec_of
 from efedllm.models.comparison import Tolerances, compare_outputs
 from efedllm.protocol import codec
 from efedllm.protocol.audit import TrainAuditRequest
@@ -53,20 +52,13 @@ def gradient_errors(expected: list[torch.Tensor], answered: list[torch.Tensor]) 
     return errors
 
 
-def _spec(train: TrainRequest) -> AdapterSpec:
-    if train.method == "lora":
-        return AdapterSpec(train.method, train.rank, train.alpha, tuple(train.targets), train.prompts)
-    return AdapterSpec(train.method, prompts=train.prompts)
-
-
 class TrainingJudge:
     """Recomputes training requests against ``reference`` (every block, float32); keeps a few trainable views."""
 
     def __init__(self, reference, tolerances_for: Callable[[str], Tolerances],
                  gradient_tolerance_for: Callable[[str], float], max_views: int = 8) -> None:
         self.reference, self.tolerances_for, self.gradient_tolerance_for = reference, tolerances_for, gradient_tolerance_for
-        self.max_views = max_views
-        self._views: collections.OrderedDict[tuple, TrainableSpan] = collections.OrderedDict()
+        self._views = TrainableViews(reference, max_views)
 
     def judge(self, request: TrainAuditRequest, tensors: list) -> AuditOutcome:
         """The outcome of one training audit (see the module docstring)."""
@@ -110,13 +102,7 @@ class TrainingJudge:
         return train, codec.decode_tensors(sent, train.tensor_count)
 
     def _view(self, train: TrainRequest) -> TrainableSpan:
-        key = (train.span.start, train.span.end, _spec(train))
-        if key not in self._views:
-            self._views[key] = TrainableSpan(self.reference, _spec(train), train.span)
-            while len(self._views) > self.max_views:
-                self._views.popitem(last=False)
-        self._views.move_to_end(key)
-        return self._views[key]
+        return self._views.get(train.span, spec_of(train))
 
     def _wrong(self, train: TrainRequest, view: TrainableSpan, inputs: list[torch.Tensor], answer: list[torch.Tensor],
                dtype: str) -> str | None:
